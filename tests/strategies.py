@@ -66,3 +66,37 @@ texts = st.one_of(
     st.lists(st.one_of(_FRAGMENTS, st.text(max_size=6)), max_size=30).map("".join),
 )
 """Strings mixing Unicode, whitespace runs, digits and LaTeX."""
+
+
+# ---------------------------------------------------------------------------
+# adapter (owner: adapter)
+# ---------------------------------------------------------------------------
+
+adapter_target_names = st.sampled_from(
+    [
+        "attention",
+        "experts",
+        "mlp",
+        "router",
+        "lm_head",
+        "all-linear",
+        "w1",
+        "w2",
+        "w3",
+        "gate",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "expert_gate",
+        "expert_up",
+        "expert_down",
+    ]
+)
+"""One valid adapter target: a preset, an old name or a canonical name."""
+
+adapter_target_lists = st.lists(adapter_target_names, min_size=1, max_size=8)
+"""Non-empty lists of valid adapter targets, with repeats."""

@@ -42,12 +42,18 @@ _EXPERT_TARGET: dict[str, ExpertProjection] = {
     "expert_up": "up",
     "expert_down": "down",
 }
-_FFN_TARGET: dict[str, ExpertProjection] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_FFN_TARGET: dict[str, ExpertProjection] = {
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
 
 
 def _is_linear(module: object) -> bool:
-    return isinstance(module, nn.Module) and hasattr(module, "in_features") and hasattr(
-        module, "out_features"
+    return (
+        isinstance(module, nn.Module)
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
     )
 
 
@@ -142,13 +148,15 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
                 router = getattr(mlp, "gate", None)
                 if isinstance(router, MixtralTopKRouter):
                     hits.append((f"{prefix}.mlp.gate", router, None))
-            for path, mod, proj in hits:
+            for path, mod, hit_proj in hits:
                 if not chosen(i):
-                    plan.skipped.extend(_entries(target, path, mod, proj, i, spec, adapted=False))
+                    plan.skipped.extend(
+                        _entries(target, path, mod, hit_proj, i, spec, adapted=False)
+                    )
                     continue
                 matched[target] += 1
-                if proj is not None:
-                    plan.experts.setdefault(path, {}).setdefault(proj, target)
+                if hit_proj is not None:
+                    plan.experts.setdefault(path, {}).setdefault(hit_proj, target)
                     plan.expert_modules[path] = mod
                 elif target == "router":
                     assert isinstance(mod, MixtralTopKRouter)
@@ -264,7 +272,9 @@ def apply_spec(
             "with load_quantized(..., quant=QuantSpec.nf4()) or use AdapterSpec.lora(...)"
         )
     if not dtype.is_floating_point:
-        raise AdapterError(f"dtype must be a floating-point dtype for the LoRA factors (got {dtype})")
+        raise AdapterError(
+            f"dtype must be a floating-point dtype for the LoRA factors (got {dtype})"
+        )
     plan = _resolve(spec, model)
     generator = torch.Generator().manual_seed(seed)
     scale = spec.scaling
@@ -310,10 +320,21 @@ def apply_spec(
             )
         else:
             target, router = plan.routers[path]
-            entries.extend(_entries(target, path, router, None, _layer_of(path), spec, adapted=True))
-            new = LoraRouter(
-                router, r=spec.r, scale=scale, dropout=spec.dropout, generator=generator, dtype=dtype
+            entries.extend(
+                _entries(target, path, router, None, _layer_of(path), spec, adapted=True)
             )
+            new = LoraRouter(
+                router,
+                r=spec.r,
+                scale=scale,
+                dropout=spec.dropout,
+                generator=generator,
+                dtype=dtype,
+            )
+        # New modules start in train mode; follow the model's current mode.
+        new.train(model.training)
+        if isinstance(new, LoraRouter):
+            _move_hooks(new.base, new)
         _set_submodule(model, path, new)
         lora_modules[path] = new
     for param in model.parameters():
@@ -330,6 +351,30 @@ def apply_spec(
         coverage=CoverageReport(tuple(entries)),
         lora_modules=lora_modules,
     )
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _move_hooks(source: nn.Module, dest: nn.Module) -> None:
+    """Move forward hooks from a replaced router to its wrapper.
+
+    transformers installs its router-logit recorders once, on first use; a
+    router replaced after that would otherwise drop out of the aux loss.  The
+    wrapped base router is never called, so its hooks would never fire.
+    """
+    for attr in _HOOK_DICTS:
+        src = getattr(source, attr, None)
+        dst = getattr(dest, attr, None)
+        if isinstance(src, dict) and isinstance(dst, dict):
+            dst.update(src)
+            src.clear()
 
 
 def _is_lora_param(name: str) -> bool:

@@ -106,7 +106,10 @@ class CoverageReport:
             for e in self.entries
         ]
         widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows)]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in (header, *rows)
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(
             f"{len(self.adapted)} of {len(self.entries)} rows adapted, "

@@ -181,12 +181,16 @@ def _dense_weight(module: nn.Module, dtype: torch.dtype) -> Tensor:
     return weight.detach().to(dtype)
 
 
-def _emit_linear(out: dict[str, Tensor], prefix: str, module: nn.Module, dtype: torch.dtype) -> None:
+def _emit_linear(
+    out: dict[str, Tensor], prefix: str, module: nn.Module, dtype: torch.dtype
+) -> None:
     base = module.base if isinstance(module, LoraLinear) else module
     assert isinstance(base, nn.Module)
     weight = _dense_weight(base, torch.float32)
     if isinstance(module, LoraLinear):
-        weight = weight + module.delta_weight().detach().to(device=weight.device, dtype=torch.float32)
+        weight = weight + module.delta_weight().detach().to(
+            device=weight.device, dtype=torch.float32
+        )
     out[f"{prefix}weight"] = weight.to(dtype)
     bias = getattr(base, "bias", None)
     if isinstance(bias, Tensor):
@@ -204,10 +208,12 @@ def _moe_prefix(prefix: str, layout: str) -> str:
 def _emit_router(
     out: dict[str, Tensor], prefix: str, module: nn.Module, dtype: torch.dtype, layout: str
 ) -> None:
-    base = module.base if isinstance(module, LoraRouter) else module
+    base: Any = module.base if isinstance(module, LoraRouter) else module
     weight = base.weight.detach().to(torch.float32)
     if isinstance(module, LoraRouter):
-        weight = weight + module.delta_weight().detach().to(device=weight.device, dtype=torch.float32)
+        weight = weight + module.delta_weight().detach().to(
+            device=weight.device, dtype=torch.float32
+        )
     parent = prefix[: -len("gate.")]
     out[f"{_moe_prefix(parent, layout)}gate.weight"] = weight.to(dtype)
 
@@ -229,7 +235,9 @@ def _emit_experts(
             for proj, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))):
                 f = lora.factors(proj)  # type: ignore[arg-type]  # literal from the tuple
                 if f is not None:
-                    gu[rows] += (f.lora_B[e] @ f.lora_A[e]).detach().float().to(gu.device) * lora.scale
+                    gu[rows] += (f.lora_B[e] @ f.lora_A[e]).detach().float().to(
+                        gu.device
+                    ) * lora.scale
             f = lora.factors("down")
             if f is not None:
                 dn += (f.lora_B[e] @ f.lora_A[e]).detach().float().to(dn.device) * lora.scale
@@ -285,7 +293,8 @@ def merged_state_dict(
         raise AdapterError(f"layout must be 'original' or 'fused' (got {layout!r})")
     model = adapted.model
     if dtype is None:
-        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        getter: Any = getattr(model, "get_input_embeddings", None)
+        embed = getter() if callable(getter) else None
         weight = getattr(embed, "weight", None)
         dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else None
         if dtype is None:

@@ -63,10 +63,11 @@ class StockExperts(nn.Module):
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
         self.inner = experts
-        self.num_experts = int(experts.num_experts)
-        self.hidden_dim = int(experts.hidden_dim)
-        self.intermediate_dim = int(experts.intermediate_dim)
-        self.act_fn = experts.act_fn
+        dims: Any = experts  # transformers' module is untyped
+        self.num_experts = int(dims.num_experts)
+        self.hidden_dim = int(dims.hidden_dim)
+        self.intermediate_dim = int(dims.intermediate_dim)
+        self.act_fn = dims.act_fn
 
     def _param(self, kind: str) -> Tensor:
         param: Tensor = getattr(self.inner, "gate_up_proj" if kind == "gate_up" else "down_proj")
@@ -342,7 +343,7 @@ class LoraExperts(nn.Module):
             ``(n, H)`` before the routing weight.
         """
         base = self.base
-        gate_up = base.project("gate_up", expert, x)  # type: ignore[operator]  # ExpertsLike
+        gate_up = base.project("gate_up", expert, x)
         gate, up = gate_up.chunk(2, dim=-1)
         d_gate = self._delta("gate", expert, x)
         if d_gate is not None:
@@ -351,7 +352,7 @@ class LoraExperts(nn.Module):
         if d_up is not None:
             up = up + d_up.to(up.dtype)
         h = base.act_fn(gate) * up
-        out: Tensor = base.project("down", expert, h)  # type: ignore[operator]  # ExpertsLike
+        out: Tensor = base.project("down", expert, h)
         d_down = self._delta("down", expert, h)
         if d_down is not None:
             out = out + d_down.to(out.dtype)
@@ -437,7 +438,7 @@ class LoraRouter(MixtralTopKRouter):
         """
         return (self.lora_B @ self.lora_A) * self.scale
 
-    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]  # the base is untyped
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Adapted logits, then the base router's top-k selection.
 
         Args:

@@ -100,6 +100,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @attrs.frozen
 class AdapterSpec:
     """A LoRA adapter: rank, scaling, dropout and the modules it targets.
@@ -150,21 +154,14 @@ class AdapterSpec:
         problems: list[str] = []
         if not _is_int(self.r) or self.r <= 0:
             problems.append(f"r must be an integer > 0 (got {self.r!r}); try r=8")
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not math.isfinite(self.alpha)
-            or self.alpha <= 0
-        ):
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             problems.append(f"alpha must be a number > 0 (got {self.alpha!r}); try alpha=2*r")
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0 <= self.dropout < 1
-        ):
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
         if not self.targets:
-            problems.append("targets is empty; name at least one target, e.g. targets=('attention',)")
+            problems.append(
+                "targets is empty; name at least one target, e.g. targets=('attention',)"
+            )
         unknown = [t for t in self.targets if t not in TARGET_NAMES]
         if unknown:
             valid = ", ".join([*PRESETS, *TARGET_NAMES, *_ALIASES])
@@ -209,8 +206,8 @@ class AdapterSpec:
             r=r,
             alpha=alpha,
             dropout=dropout,
-            targets=targets,  # type: ignore[arg-type]  # the converter accepts str | Iterable
-            layers=layers,  # type: ignore[arg-type]  # the converter accepts any iterable
+            targets=targets,
+            layers=layers,
             rslora=rslora,
         )
 
@@ -248,8 +245,8 @@ class AdapterSpec:
             r=r,
             alpha=alpha,
             dropout=dropout,
-            targets=targets,  # type: ignore[arg-type]  # the converter accepts str | Iterable
-            layers=layers,  # type: ignore[arg-type]  # the converter accepts any iterable
+            targets=targets,
+            layers=layers,
             rslora=rslora,
             requires_4bit=True,
         )
