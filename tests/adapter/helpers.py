@@ -7,8 +7,9 @@ import math
 import attrs
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from transformers import MistralConfig, MixtralConfig
+
+from mixtune.model import MoEExperts, QuantLinear, QuantSpec
 
 
 @attrs.define
@@ -61,48 +62,27 @@ def lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
 
 
-class FakeQuantExperts(nn.Module):
-    """A stand-in 4-bit expert stack: weights rounded to 15 levels per row.
+def nf4() -> QuantSpec:
+    """NF4 storage computing in float32 (tight CPU comparisons)."""
+    return QuantSpec.nf4(compute_dtype=torch.float32)
 
-    Same public surface as ``mixtune.model.MoEExperts`` (``project``,
-    ``weight``, ``is_quantized``), so the adapter math can be checked against
-    ``weight()`` without depending on the real quantizer.
+
+def quantize(
+    model: nn.Module, quant: QuantSpec | None = None, *, attention: bool = True
+) -> nn.Module:
+    """Swap in mixtune's quantized modules, as ``load_quantized`` does.
+
+    Every ``mlp.experts`` becomes a :class:`MoEExperts` and (with
+    ``attention``) every q/k/v/o projection a :class:`QuantLinear`.
     """
-
-    is_quantized = True
-
-    def __init__(self, experts: nn.Module) -> None:
-        super().__init__()
-        self.num_experts = int(experts.num_experts)
-        self.hidden_dim = int(experts.hidden_dim)
-        self.intermediate_dim = int(experts.intermediate_dim)
-        self.act_fn = experts.act_fn
-        for kind, param in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
-            w = param.detach().float()
-            scale = w.abs().amax(dim=-1, keepdim=True) / 7
-            self.register_buffer(f"{kind}_codes", torch.round(w / scale).to(torch.int8))
-            self.register_buffer(f"{kind}_scale", scale)
-
-    def _dequant(self, kind: str, expert: int) -> Tensor:
-        codes: Tensor = getattr(self, f"{kind}_codes")
-        scale: Tensor = getattr(self, f"{kind}_scale")
-        return codes[expert].float() * scale[expert]
-
-    def weight(self, kind: str, expert: int, dtype: torch.dtype | None = None) -> Tensor:
-        return self._dequant(kind, expert).to(dtype or torch.float32)
-
-    def project(self, kind: str, expert: int, x: Tensor) -> Tensor:
-        return F.linear(x, self._dequant(kind, expert).to(x.dtype))
-
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        out = torch.zeros_like(hidden_states)
-        for t in range(hidden_states.shape[0]):
-            for k in range(top_k_index.shape[1]):
-                e = int(top_k_index[t, k])
-                gate, up = self.project("gate_up", e, hidden_states[t : t + 1]).chunk(2, dim=-1)
-                y = self.project("down", e, self.act_fn(gate) * up)
-                out[t] += (y[0] * top_k_weights[t, k]).to(out.dtype)
-        return out
+    quant = quant or nf4()
+    for layer in model.model.layers:
+        layer.mlp.experts = MoEExperts.from_experts(layer.mlp.experts, quant=quant)
+        if attention and quant.is_4bit:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear = getattr(layer.self_attn, name)
+                setattr(layer.self_attn, name, QuantLinear.from_linear(linear, quant=quant))
+    return model
 
 
 def reference_experts(

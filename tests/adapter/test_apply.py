@@ -10,8 +10,9 @@ from torch import nn
 
 from mixtune.adapter import AdapterSpec, LoraExperts, LoraLinear, LoraRouter
 from mixtune.errors import AdapterError, TargetNotFoundError
+from mixtune.model import QuantSpec
 
-from .helpers import FakeQuantExperts, Loaded, lora_params, nudge_lora_b
+from .helpers import Loaded, lora_params, nudge_lora_b, quantize
 
 ALL = ("attention", "experts", "router", "lm_head")
 
@@ -183,10 +184,16 @@ def test_qlora_refuses_a_base_that_is_not_4bit(tiny_mixtral: nn.Module) -> None:
 
 
 def test_qlora_accepts_a_4bit_base(tiny_mixtral: nn.Module) -> None:
-    for layer in tiny_mixtral.model.layers:
-        layer.mlp.experts = FakeQuantExperts(layer.mlp.experts)
-    adapted = AdapterSpec.qlora(r=4, targets="experts").apply(Loaded(tiny_mixtral))
+    quantize(tiny_mixtral)
+    adapted = AdapterSpec.qlora(r=4).apply(Loaded(tiny_mixtral))
+    assert adapted.coverage.entries
     assert all(e.quantized for e in adapted.coverage.entries)
+
+
+def test_qlora_refuses_a_plain_mixtune_base(tiny_mixtral: nn.Module) -> None:
+    quantize(tiny_mixtral, QuantSpec.none(compute_dtype=torch.float32))
+    with pytest.raises(AdapterError, match="4-bit base"):
+        AdapterSpec.qlora().apply(Loaded(tiny_mixtral))
 
 
 def test_applying_twice_is_refused(tiny_mixtral: nn.Module) -> None:

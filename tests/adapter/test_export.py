@@ -16,7 +16,7 @@ from transformers import MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 from mixtune.adapter import AdaptedModel, AdapterSpec
 from mixtune.errors import AdapterError
 
-from .helpers import FakeQuantExperts, Loaded, nudge_lora_b
+from .helpers import Loaded, nudge_lora_b, quantize
 
 # PEFT checks rank_pattern/alpha_pattern keys against module names only, so a
 # pattern for a *parameter* target (gate_up_proj) is reported as unmatched
@@ -126,6 +126,9 @@ def _dequantized_stock(template: nn.Module, quantized: nn.Module) -> nn.Module:
             for e in range(experts.num_experts):
                 layer.mlp.experts.gate_up_proj[e].copy_(experts.weight("gate_up", e))
                 layer.mlp.experts.down_proj[e].copy_(experts.weight("down", e))
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                quantized_linear = getattr(src.self_attn, name)
+                getattr(layer.self_attn, name).weight.copy_(quantized_linear.dequantize())
     return stock
 
 
@@ -133,8 +136,7 @@ def test_stock_peft_on_the_dequantized_base_matches_the_4bit_model(
     tiny_mixtral: nn.Module, tmp_path: Path
 ) -> None:
     stock_template = copy.deepcopy(tiny_mixtral)
-    for layer in tiny_mixtral.model.layers:
-        layer.mlp.experts = FakeQuantExperts(layer.mlp.experts)
+    quantize(tiny_mixtral)
     # The base stock PEFT should sit on: the stock layout with the dequantized experts.
     stock = _dequantized_stock(stock_template, tiny_mixtral)
     adapted = _adapt(
@@ -166,8 +168,7 @@ def test_merged_state_dict_fused_loads_into_stock_transformers(
 def test_merged_state_dict_original_layout_loads_with_from_pretrained(
     tiny_mixtral: nn.Module, mixtral_config: MixtralConfig, tmp_path: Path
 ) -> None:
-    for layer in tiny_mixtral.model.layers:
-        layer.mlp.experts = FakeQuantExperts(layer.mlp.experts)
+    quantize(tiny_mixtral)
     spec = AdapterSpec.lora(targets=("w1", "w3", "q_proj", "router"), r=4, alpha=8, layers=(1,))
     adapted = _adapt(tiny_mixtral, spec)
     ids = torch.randint(0, 96, (2, 16))

@@ -11,18 +11,26 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts, Mixtral
 
 from mixtune.adapter import LoraExperts, LoraLinear, LoraRouter
 from mixtune.adapter._lora import StockExperts
+from mixtune.model import MoEExperts, QuantSpec
 
-from .helpers import FakeQuantExperts, reference_experts, relative_error
+from .helpers import nf4, reference_experts, relative_error
 
 PROJECTION_SETS = [("gate", "up", "down"), ("gate",), ("up", "down"), ("down",)]
 
 
-def _experts(config: MixtralConfig, quantized: bool) -> nn.Module:
+BASES = ["nf4", "none", "stock"]
+
+
+def _experts(config: MixtralConfig, kind: str) -> nn.Module:
+    """Seeded experts: mixtune's NF4 or plain ``MoEExperts``, or transformers' own."""
     torch.manual_seed(0)
     stock = MixtralExperts(config)
     nn.init.normal_(stock.gate_up_proj, std=0.1)
     nn.init.normal_(stock.down_proj, std=0.1)
-    return FakeQuantExperts(stock) if quantized else StockExperts(stock)
+    if kind == "stock":
+        return StockExperts(stock)
+    quant = nf4() if kind == "nf4" else QuantSpec.none(compute_dtype=torch.float32)
+    return MoEExperts.from_experts(stock, quant=quant)
 
 
 def _routing(tokens: int, config: MixtralConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -56,12 +64,12 @@ def _reference_inputs(
     return weights, factors
 
 
-@pytest.mark.parametrize("quantized", [True, False], ids=["4bit-standin", "plain"])
+@pytest.mark.parametrize("base_kind", BASES)
 @pytest.mark.parametrize("projections", PROJECTION_SETS, ids=lambda p: "+".join(p))
 def test_expert_lora_forward_and_backward_match_reference(
-    mixtral_config: MixtralConfig, quantized: bool, projections: tuple[str, ...], fresh_seed: int
+    mixtral_config: MixtralConfig, base_kind: str, projections: tuple[str, ...], fresh_seed: int
 ) -> None:
-    base = _experts(mixtral_config, quantized)
+    base = _experts(mixtral_config, base_kind)
     lora = LoraExperts(
         base,
         projections=projections,  # type: ignore[arg-type]
@@ -109,7 +117,7 @@ def test_expert_lora_forward_and_backward_match_reference(
 
 
 def test_expert_lora_with_zero_b_equals_the_base(mixtral_config: MixtralConfig) -> None:
-    base = _experts(mixtral_config, quantized=True)
+    base = _experts(mixtral_config, "nf4")
     lora = LoraExperts(
         base,
         projections=("gate", "up", "down"),
@@ -126,7 +134,7 @@ def test_expert_lora_with_zero_b_equals_the_base(mixtral_config: MixtralConfig) 
 
 def test_expert_dropout_is_active_in_train_mode_only(mixtral_config: MixtralConfig) -> None:
     lora = LoraExperts(
-        _experts(mixtral_config, quantized=False),
+        _experts(mixtral_config, "none"),
         projections=("gate", "up", "down"),
         r=4,
         scale=2.0,
