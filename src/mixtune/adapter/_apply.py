@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -21,19 +21,24 @@ from mixtune.adapter._lora import (
     LoraRouter,
     StockExperts,
 )
+from mixtune.adapter._spec import AdapterSpec
 from mixtune.errors import AdapterError, TargetNotFoundError, UnsupportedModelError
 
-if TYPE_CHECKING:
-    from mixtune.adapter._spec import AdapterSpec
-
-__all__ = ["AdaptedModel", "apply_spec"]
+__all__ = ["AdaptedModel", "SupportsModel", "apply_spec"]
 
 
-class _HasModel(Protocol):
-    """What :meth:`AdapterSpec.apply` needs: a causal LM at ``.model``."""
+@runtime_checkable
+class SupportsModel(Protocol):
+    """What :meth:`AdapterSpec.apply` needs: a causal LM at ``.model``.
+
+    mixtune's ``LoadedModel`` is one; ``source`` (for the exported
+    ``base_model_name_or_path``) is read when present.
+    """
 
     @property
-    def model(self) -> nn.Module: ...
+    def model(self) -> torch.nn.Module:
+        """The causal LM."""
+        ...
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -257,7 +262,7 @@ def _base_is_4bit(model: nn.Module) -> bool:
 
 
 def apply_spec(
-    spec: AdapterSpec, loaded: _HasModel, *, seed: int, dtype: torch.dtype
+    spec: AdapterSpec, loaded: SupportsModel, *, seed: int, dtype: torch.dtype
 ) -> AdaptedModel:
     """Implementation of :meth:`AdapterSpec.apply` (see there)."""
     model = loaded.model
@@ -391,16 +396,16 @@ class AdaptedModel:
     Attributes:
         model: The adapted causal LM.
         spec: The spec that was applied.
-        loaded: What it was applied to (the :class:`~mixtune.model.LoadedModel`).
+        loaded: What it was applied to (the ``LoadedModel``).
         coverage: Every targeted module/expert and whether it carries LoRA.
         lora_modules: Module path → the mixtune LoRA module at that path.
     """
 
-    model: nn.Module
+    model: torch.nn.Module
     spec: AdapterSpec
-    loaded: Any
+    loaded: SupportsModel
     coverage: CoverageReport
-    lora_modules: dict[str, nn.Module] = attrs.field(repr=False)
+    lora_modules: dict[str, torch.nn.Module] = attrs.field(repr=False)
 
     def _lora_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, module in self.lora_modules.items():
