@@ -72,8 +72,7 @@ def mixtral_v1(
     process; later calls reuse it.  Every call returns a new tokenizer object, so
     setting e.g. ``pad_token`` on one does not affect another.
 
-    Example::
-
+    Example:
         >>> from mixtune.tokenizers import mixtral_v1
         >>> tok = mixtral_v1()
         >>> tok("Mixture of experts")["input_ids"]
