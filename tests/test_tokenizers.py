@@ -201,3 +201,22 @@ def test_other_sentencepiece_model_lists_every_problem(tmp_path: Path) -> None:
     assert str(other) in message
     for problem in ("not BPE", "remove_extra_whitespaces is on", "add_dummy_prefix is off"):
         assert problem in message
+
+
+def test_transformers_own_conversion_disagrees(tmp_path: Path, sp) -> None:  # type: ignore[no-untyped-def]
+    """Why mixtral_v1 exists: transformers' conversion of the same file is not SentencePiece.
+
+    Documents the trap rather than mixtune's behaviour; if a transformers
+    release ever converts the file faithfully, this test fails and can go.
+    """
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    # The file is silently ignored: a 3-token vocabulary comes back.
+    assert len(LlamaTokenizerFast(vocab_file=str(MODEL_FILE))) < 32000
+
+    shutil.copyfile(MODEL_FILE, tmp_path / "tokenizer.model")
+    converted = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["</s> x", " two  spaces", "  lead", "x" + " " * 20 + "y"]
+    # Compared without BOS, which the conversion also drops.
+    assert any(converted(t, add_special_tokens=False)["input_ids"] != sp.encode(t) for t in texts)
+    assert converted("Hello")["input_ids"][0] != 1
