@@ -12,7 +12,7 @@ from hypothesis import given, settings
 
 from mixtune.errors import TokenizerError
 from mixtune.tokenizers import MIXTRAL_V1_MAX_LENGTH, mixtral_v1
-from strategies import tokenizer_texts
+from tests.strategies import tokenizer_texts
 
 spm = pytest.importorskip("sentencepiece")
 mistral_common = pytest.importorskip("mistral_common")
