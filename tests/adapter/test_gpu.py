@@ -14,9 +14,9 @@ from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from conftest import requires_gpu  # type: ignore[import-not-found]
 from mixtune.adapter import AdapterSpec, LoraExperts
 from mixtune.model import MoEExperts, QuantSpec
+from tests.conftest import requires_gpu
 
 from .helpers import Loaded, lora_params, nudge_lora_b, quantize, reference_experts, relative_error
 
