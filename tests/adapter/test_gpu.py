@@ -15,7 +15,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from mixtune.adapter import AdapterSpec, LoraExperts
-from mixtune.model import MoEExperts, QuantSpec
+from mixtune.model import MoEExperts, QuantSpec, mixtral_8x7b_config
 from tests.conftest import requires_gpu
 
 from .helpers import Loaded, lora_params, nudge_lora_b, quantize, reference_experts, relative_error
@@ -26,18 +26,8 @@ CUDA = torch.device("cuda")
 
 
 def _config() -> MixtralConfig:
-    return MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        router_jitter_noise=0.0,
-    )
+    config: MixtralConfig = mixtral_8x7b_config(num_hidden_layers=2, router_jitter_noise=0.0)
+    return config
 
 
 def _nf4_bf16() -> QuantSpec:

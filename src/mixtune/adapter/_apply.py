@@ -271,7 +271,11 @@ def apply_spec(
             "this model already carries mixtune LoRA modules; apply an AdapterSpec to a freshly "
             "loaded model (or use AdaptedModel.load_lora_state_dict to change the factors)"
         )
-    if spec.requires_4bit and not _base_is_4bit(model):
+    # The loaded model's QuantSpec says how it was stored; without one (a
+    # model built by hand) look for 4-bit modules.
+    declared = getattr(getattr(loaded, "quant", None), "is_4bit", None)
+    is_4bit = declared if isinstance(declared, bool) else _base_is_4bit(model)
+    if spec.requires_4bit and not is_4bit:
         raise AdapterError(
             "AdapterSpec.qlora needs a 4-bit base, but this model has no 4-bit weights; load it "
             "with load_quantized(..., quant=QuantSpec.nf4()) or use AdapterSpec.lora(...)"
