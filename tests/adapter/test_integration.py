@@ -137,8 +137,18 @@ def test_peft_export_in_bfloat16(mixtral_ckpt: Path, tmp_path: Path) -> None:
     assert relative_error(base, ours) > 10 * relative_error(theirs, ours)
 
 
-def test_merged_original_layout_from_a_4bit_base(mixtral_ckpt: Path, tmp_path: Path) -> None:
-    loaded = _load(mixtral_ckpt, QuantSpec.nf4(compute_dtype=F32))
+@pytest.mark.parametrize(
+    "quant",
+    [
+        QuantSpec.nf4(compute_dtype=F32),
+        QuantSpec.fp4(compute_dtype=F32, quantize_embeddings=True, quantize_lm_head=True),
+    ],
+    ids=["nf4", "fp4-embeddings-lm_head"],
+)
+def test_merged_original_layout_from_a_4bit_base(
+    mixtral_ckpt: Path, tmp_path: Path, quant: QuantSpec
+) -> None:
+    loaded = _load(mixtral_ckpt, quant)
     adapted = AdapterSpec.qlora(targets=ALL, r=4, alpha=8).apply(loaded)
     nudge_lora_b(adapted.model, std=0.2)
     ids = _ids(3)
