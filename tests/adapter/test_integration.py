@@ -42,10 +42,11 @@ def mixtral_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_checkpoint(tiny_config("mixtral"), dest, layout="original", seed=3, dtype=F32)
 
 
-@pytest.fixture(scope="module")
-def mistral_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dest = tmp_path_factory.mktemp("mistral")
-    return random_checkpoint(tiny_config("mistral"), dest, seed=4, dtype=F32)
+@pytest.fixture(scope="module", params=["mistral", "llama"])
+def dense_ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random dense checkpoints (Mistral and Llama), float32."""
+    dest = tmp_path_factory.mktemp(request.param)
+    return random_checkpoint(tiny_config(request.param), dest, seed=4, dtype=F32)
 
 
 def _load(path: Path, quant: QuantSpec, dtype: torch.dtype = F32) -> LoadedModel:
@@ -189,11 +190,11 @@ def test_qlora_refuses_a_plain_loaded_base(mixtral_ckpt: Path) -> None:
         AdapterSpec.qlora().apply(loaded)
 
 
-def test_dense_loaded_model(mistral_ckpt: Path, tmp_path: Path) -> None:
-    loaded = _load(mistral_ckpt, QuantSpec.nf4(compute_dtype=F32))
+def test_dense_loaded_model(dense_ckpt: Path, tmp_path: Path) -> None:
+    loaded = _load(dense_ckpt, QuantSpec.nf4(compute_dtype=F32))
     with pytest.raises(TargetNotFoundError, match="dense model"):
         AdapterSpec.qlora(targets=("attention", "experts")).apply(loaded)
-    stock = _stock(mistral_ckpt)
+    stock = _stock(dense_ckpt)
     with torch.no_grad():
         for mine, theirs in zip(loaded.model.model.layers, stock.model.layers, strict=True):
             for owner, names in (
@@ -211,6 +212,6 @@ def test_dense_loaded_model(mistral_ckpt: Path, tmp_path: Path) -> None:
     theirs_logits = _logits(PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path)), ids)
     torch.testing.assert_close(theirs_logits, ours, rtol=1e-4, atol=1e-4)
     merged = adapted.merged_state_dict(dtype=F32)
-    fresh = _stock(mistral_ckpt)
+    fresh = _stock(dense_ckpt)
     fresh.load_state_dict(merged, strict=True)
     torch.testing.assert_close(_logits(fresh, ids), ours, rtol=1e-4, atol=1e-4)
