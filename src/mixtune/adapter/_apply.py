@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeGuard, runtime_checkable
 
 import attrs
 import torch
@@ -54,7 +54,7 @@ _FFN_TARGET: dict[str, ExpertProjection] = {
 }
 
 
-def _is_linear(module: object) -> bool:
+def _is_linear(module: object) -> TypeGuard[nn.Module]:
     return (
         isinstance(module, nn.Module)
         and hasattr(module, "in_features")
@@ -62,7 +62,7 @@ def _is_linear(module: object) -> bool:
     )
 
 
-def _is_stock_experts(module: object) -> bool:
+def _is_stock_experts(module: object) -> TypeGuard[nn.Module]:
     return (
         isinstance(module, nn.Module)
         and isinstance(getattr(module, "gate_up_proj", None), Tensor)
@@ -132,7 +132,6 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
             if target in _ATTENTION:
                 mod = getattr(attn, target, None)
                 if _is_linear(mod):
-                    assert isinstance(mod, nn.Module)
                     hits.append((f"{prefix}.self_attn.{target}", mod, None))
             elif target in _EXPERT_TARGET or (target in _FFN_TARGET and is_moe):
                 proj = _EXPERT_TARGET.get(target) or _FFN_TARGET[target]
@@ -142,12 +141,12 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
                         "dense model without experts; use 'gate_proj', 'up_proj', 'down_proj' "
                         "(or the 'mlp' preset) for its MLP"
                     )
-                if isinstance(experts, nn.Module):
+                if isinstance(experts, ExpertsLike) or _is_stock_experts(experts):
+                    assert isinstance(experts, nn.Module)
                     hits.append((f"{prefix}.mlp.experts", experts, proj))
             elif target in _FFN_TARGET:
                 mod = getattr(mlp, target, None)
                 if _is_linear(mod):
-                    assert isinstance(mod, nn.Module)
                     hits.append((f"{prefix}.mlp.{target}", mod, None))
             elif target == "router":
                 router = getattr(mlp, "gate", None)
@@ -171,7 +170,6 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
     if "lm_head" in spec.targets:
         head = getattr(model, "lm_head", None)
         if _is_linear(head):
-            assert isinstance(head, nn.Module)
             plan.linears["lm_head"] = ("lm_head", head)
             matched["lm_head"] += 1
     unmatched = [t for t, n in matched.items() if n == 0]
