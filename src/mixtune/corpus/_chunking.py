@@ -107,6 +107,14 @@ def cut_windows(
                 score = _cut_score(text, offs, e)
                 if score > best:
                     end, best = e, score
+            # Whole slack range inside one character's byte pieces (tiny
+            # windows): go back further to the nearest character boundary.
+            e = lowest - 1
+            while best < _INSIDE_WORD and e > start + overlap:
+                score = _cut_score(text, offs, e)
+                if score > best:
+                    end, best = e, score
+                e -= 1
         char_start = 0 if start == 0 else int(offs[start, 0])
         char_end = len(text) if end == n else max(char_start, int(offs[end, 0]))
         windows.append(Window(start, end, char_start, char_end))
