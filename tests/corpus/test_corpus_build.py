@@ -24,7 +24,9 @@ PARAGRAPH = "Experts route tokens to the best expert. " * 6
 
 def _minimal_pdf(lines: list[str]) -> bytes:
     """A one-page PDF with Helvetica text lines, xref offsets computed exactly."""
-    content = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) Tj T*" for line in lines) + " ET"
+    content = (
+        "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) Tj T*" for line in lines) + " ET"
+    )
     objects = [
         "<< /Type /Catalog /Pages 2 0 R >>",
         "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
@@ -41,7 +43,9 @@ def _minimal_pdf(lines: list[str]) -> bytes:
     xref = len(out)
     out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
     out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    out += (
+        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    )
     return out
 
 
@@ -84,7 +88,9 @@ def test_folder_ids_manifest_and_meta_files(make_folder, word_tokenizer) -> None
             ".hidden.txt": "hidden",
         }
     )
-    corpus = ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False)
+    corpus = ChunkedCorpus.from_folder(
+        root, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False
+    )
     assert [d.id for d in corpus.documents] == ["a.txt", "sub/b.md", "sub/deep/c.tex"]
     a = corpus.document("a.txt")
     assert (a.title, a.license, a.url) == ("Paper A", "CC0-1.0", "https://x/a")
@@ -98,13 +104,21 @@ def test_folder_ids_manifest_and_meta_files(make_folder, word_tokenizer) -> None
 def test_pdf_files_are_read(make_folder, word_tokenizer) -> None:
     pytest.importorskip("pypdf")
     root = make_folder({"paper.pdf": _minimal_pdf(["Hello PDF world.", "Second line here."])})
-    corpus = ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False)
+    corpus = ChunkedCorpus.from_folder(
+        root, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False
+    )
     assert corpus.document("paper.pdf").text == "Hello PDF world.\nSecond line here."
 
 
 def test_duplicates_and_empty_documents_are_reported(word_tokenizer) -> None:
-    docs = [Document("a", PARAGRAPH), Document("b", PARAGRAPH + "\r\n\n\n"), Document("c", "\u200b \n")]
-    corpus = ChunkedCorpus.from_documents(docs, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False)
+    docs = [
+        Document("a", PARAGRAPH),
+        Document("b", PARAGRAPH + "\r\n\n\n"),
+        Document("c", "\u200b \n"),
+    ]
+    corpus = ChunkedCorpus.from_documents(
+        docs, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False
+    )
     assert [d.id for d in corpus.documents] == ["a"]
     assert {s.id: s.reason for s in corpus.describe().skipped} == {
         "b": "same text as 'a' after cleaning",
@@ -115,7 +129,9 @@ def test_duplicates_and_empty_documents_are_reported(word_tokenizer) -> None:
 def test_plain_strings_get_ids_from_their_text(word_tokenizer) -> None:
     texts = [f"{i} " + PARAGRAPH for i in range(30)]
     corpus = ChunkedCorpus.from_documents(texts, word_tokenizer, max_length=64, progress=False)
-    more = ChunkedCorpus.from_documents(["new " + PARAGRAPH, *reversed(texts)], word_tokenizer, max_length=64, progress=False)
+    more = ChunkedCorpus.from_documents(
+        ["new " + PARAGRAPH, *reversed(texts)], word_tokenizer, max_length=64, progress=False
+    )
     assert all(d.id.startswith("sha-") for d in corpus.documents)
     for doc in corpus.documents:
         assert more.split_of(doc.id) == corpus.split_of(doc.id)
@@ -143,7 +159,11 @@ def test_from_hub_reads_a_local_dataset(tmp_path: Path, word_tokenizer) -> None:
 
 def test_tokenizer_without_bos_and_with_a_pad_token(gpt2_like_tokenizer) -> None:
     corpus = ChunkedCorpus.from_documents(
-        [Document("d", PARAGRAPH * 4)], gpt2_like_tokenizer, max_length=32, fractions=(1, 0, 0), progress=False
+        [Document("d", PARAGRAPH * 4)],
+        gpt2_like_tokenizer,
+        max_length=32,
+        fractions=(1, 0, 0),
+        progress=False,
     )
     eos = gpt2_like_tokenizer.eos_token_id
     pad = gpt2_like_tokenizer.pad_token_id
@@ -196,7 +216,18 @@ def test_cuts_prefer_paragraph_then_sentence_then_whitespace() -> None:
 
     words = "aaaa bbbb cccc dddd eeee"
     # Two tokens per word: a cut inside a word is the hard cut, whitespace is preferred.
-    offsets = [(0, 2), (2, 4), (4, 7), (7, 9), (9, 12), (12, 14), (14, 17), (17, 19), (19, 22), (22, 24)]
+    offsets = [
+        (0, 2),
+        (2, 4),
+        (4, 7),
+        (7, 9),
+        (9, 12),
+        (12, 14),
+        (14, 17),
+        (17, 19),
+        (19, 22),
+        (22, 24),
+    ]
     windows = cut_windows(words, offsets, budget=5, overlap=0, slack=0.4)
     assert windows[0].token_end == 4
     assert words[: windows[0].char_end] == "aaaa bbbb"
@@ -205,7 +236,9 @@ def test_cuts_prefer_paragraph_then_sentence_then_whitespace() -> None:
 def test_no_cut_inside_a_character() -> None:
     text = "ab😀😀😀cd"
     # byte-fallback: four tokens per emoji, all with the emoji's offsets
-    offsets = [(0, 1), (1, 2)] + [(2 + k, 3 + k) for k in range(3) for _ in range(4)] + [(5, 6), (6, 7)]
+    offsets = (
+        [(0, 1), (1, 2)] + [(2 + k, 3 + k) for k in range(3) for _ in range(4)] + [(5, 6), (6, 7)]
+    )
     for budget in range(5, 16):
         for w in cut_windows(text, offsets, budget=budget, overlap=0, slack=0.1):
             assert w.token_start in (0, 1, 2, 6, 10, 14, 15)

@@ -48,13 +48,17 @@ def test_no_supported_files(make_folder, word_tokenizer) -> None:
     root = make_folder(
         {"data.csv": "a,b", "README.md": "# about", "LICENSE.txt": "CC0", "MANIFEST.tsv": "file\n"}
     )
-    with pytest.raises(CorpusError, match=r"no supported files \(found .*\.csv.*\); documents must end in \.txt"):
+    with pytest.raises(
+        CorpusError, match=r"no supported files \(found .*\.csv.*\); documents must end in \.txt"
+    ):
         ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64)
 
 
 def test_non_utf8_file_is_named(make_folder, word_tokenizer) -> None:
     root = make_folder({"ok.txt": GOOD, "sub/latin1.txt": "café crème".encode("latin-1")})
-    with pytest.raises(DocumentError, match=r"latin1\.txt: not UTF-8 text.*errors=\"skip\"") as info:
+    with pytest.raises(
+        DocumentError, match=r"latin1\.txt: not UTF-8 text.*errors=\"skip\""
+    ) as info:
         ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64, fractions=(1, 0, 0))
     assert info.value.path.endswith("sub/latin1.txt")
 
@@ -89,10 +93,15 @@ def test_errors_skip_reports_unreadable_files(make_folder, word_tokenizer) -> No
     assert "bad.txt" in table
 
 
-def test_pdf_without_the_extra(make_folder, word_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pdf_without_the_extra(
+    make_folder, word_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = make_folder({"paper.pdf": b"%PDF-1.4\n"})
     monkeypatch.setitem(sys.modules, "pypdf", None)  # import pypdf now raises ImportError
-    with pytest.raises(CorpusError, match=r"paper\.pdf: reading PDF files needs the 'pdf' extra: pip install \"mixtune\[pdf\]\""):
+    with pytest.raises(
+        CorpusError,
+        match=r"paper\.pdf: reading PDF files needs the 'pdf' extra: pip install \"mixtune\[pdf\]\"",
+    ):
         ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64)
 
 
@@ -113,7 +122,9 @@ def test_overlap_not_below_max_length(word_tokenizer) -> None:
 
 def test_overlap_not_below_the_body_budget(word_tokenizer) -> None:
     # BOS + EOS leave 62 body tokens of 64.
-    with pytest.raises(ConfigError, match=r"overlap \(62\) must be smaller than the body tokens per chunk \(62"):
+    with pytest.raises(
+        ConfigError, match=r"overlap \(62\) must be smaller than the body tokens per chunk \(62"
+    ):
         ChunkedCorpus.from_documents(_docs(3), word_tokenizer, max_length=64, overlap=62)
 
 
@@ -123,7 +134,10 @@ def test_max_length_too_small(word_tokenizer) -> None:
 
 
 def test_max_length_beyond_the_tokenizer(word_tokenizer) -> None:
-    with pytest.raises(ConfigError, match=r"max_length \(65\) is beyond the tokenizer's limit \(model_max_length=64\); use at most 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"max_length \(65\) is beyond the tokenizer's limit \(model_max_length=64\); use at most 64",
+    ):
         ChunkedCorpus.from_documents(_docs(3), word_tokenizer, max_length=65)
 
 
@@ -167,7 +181,9 @@ def test_all_setting_problems_are_reported_at_once(word_tokenizer) -> None:
 
 
 def test_not_a_tokenizer() -> None:
-    with pytest.raises(TokenizerError, match=r"tokenizer must be a transformers tokenizer.*got str"):
+    with pytest.raises(
+        TokenizerError, match=r"tokenizer must be a transformers tokenizer.*got str"
+    ):
         ChunkedCorpus.from_documents(_docs(3), "mistralai/Mixtral-8x7B-v0.1")  # type: ignore[arg-type]
 
 
@@ -175,18 +191,26 @@ def test_not_a_tokenizer() -> None:
 
 
 def test_zero_documents(word_tokenizer) -> None:
-    with pytest.raises(CorpusError, match=r"zero documents to build a corpus from; pass at least one"):
+    with pytest.raises(
+        CorpusError, match=r"zero documents to build a corpus from; pass at least one"
+    ):
         ChunkedCorpus.from_documents([], word_tokenizer, max_length=64)
 
 
 def test_only_empty_documents(word_tokenizer) -> None:
-    with pytest.raises(CorpusError, match=r"zero documents.*all 2 were skipped: a: empty after cleaning"):
-        ChunkedCorpus.from_documents([Document("a", " \n"), Document("b", "\x00")], word_tokenizer, max_length=64)
+    with pytest.raises(
+        CorpusError, match=r"zero documents.*all 2 were skipped: a: empty after cleaning"
+    ):
+        ChunkedCorpus.from_documents(
+            [Document("a", " \n"), Document("b", "\x00")], word_tokenizer, max_length=64
+        )
 
 
 def test_duplicate_ids(word_tokenizer) -> None:
     with pytest.raises(CorpusError, match=r"two documents have the id 'x'"):
-        ChunkedCorpus.from_documents([Document("x", "one"), Document("x", "two")], word_tokenizer, max_length=64)
+        ChunkedCorpus.from_documents(
+            [Document("x", "one"), Document("x", "two")], word_tokenizer, max_length=64
+        )
 
 
 def test_not_text(word_tokenizer) -> None:
@@ -194,7 +218,12 @@ def test_not_text(word_tokenizer) -> None:
         ChunkedCorpus.from_documents([GOOD, b"raw"], word_tokenizer, max_length=64)  # type: ignore[list-item]
     assert info.value.path == "docs[1]"
     corpus = ChunkedCorpus.from_documents(
-        [GOOD, b"raw"], word_tokenizer, max_length=64, fractions=(1, 0, 0), errors="skip", progress=False  # type: ignore[list-item]
+        [GOOD, b"raw"],
+        word_tokenizer,
+        max_length=64,
+        fractions=(1, 0, 0),
+        errors="skip",
+        progress=False,  # type: ignore[list-item]
     )
     assert [s.id for s in corpus.describe().skipped] == ["docs[1]"]
 
@@ -219,8 +248,12 @@ def test_zero_fraction_leaves_a_split_empty_on_purpose(word_tokenizer) -> None:
 
 
 def test_unknown_split_layout_and_document(word_tokenizer) -> None:
-    corpus = ChunkedCorpus.from_documents(_docs(1), word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False)
-    with pytest.raises(CorpusError, match=r"unknown split 'valid'; use one of train, validation, test"):
+    corpus = ChunkedCorpus.from_documents(
+        _docs(1), word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False
+    )
+    with pytest.raises(
+        CorpusError, match=r"unknown split 'valid'; use one of train, validation, test"
+    ):
         corpus.chunks("valid")  # type: ignore[arg-type]
     with pytest.raises(CorpusError, match=r"unknown layout 'ragged'; use 'padded' or 'packed'"):
         corpus.to_datasets("ragged")  # type: ignore[arg-type]
@@ -240,7 +273,10 @@ def test_from_hub_without_network(word_tokenizer, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    with pytest.raises(OfflineError, match=r"cannot load dataset 'someone/papers': the Hugging Face Hub cannot be reached.*from_documents"):
+    with pytest.raises(
+        OfflineError,
+        match=r"cannot load dataset 'someone/papers': the Hugging Face Hub cannot be reached.*from_documents",
+    ):
         ChunkedCorpus.from_hub("someone/papers", word_tokenizer, max_length=64)
 
 
@@ -252,13 +288,18 @@ def test_from_hub_in_offline_mode(word_tokenizer, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(datasets, "load_dataset", not_cached)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(OfflineError, match=r"offline mode is on \(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE\).*pass the local folder"):
+    with pytest.raises(
+        OfflineError,
+        match=r"offline mode is on \(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE\).*pass the local folder",
+    ):
         ChunkedCorpus.from_hub("someone/papers", word_tokenizer, max_length=64)
 
 
 def test_from_hub_missing_column(tmp_path: Path, word_tokenizer) -> None:
     (tmp_path / "rows.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n', encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"has no column 'text' \(columns: body\); pass text_column="):
+    with pytest.raises(
+        CorpusError, match=r"has no column 'text' \(columns: body\); pass text_column="
+    ):
         ChunkedCorpus.from_hub(
             "json",
             word_tokenizer,

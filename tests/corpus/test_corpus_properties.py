@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from strategies import chunk_settings, doc_ids, paragraph_texts, texts
 
 from mixtune.corpus import (
     IGNORE_INDEX,
@@ -17,6 +18,7 @@ from mixtune.corpus import (
     clean_text,
 )
 from mixtune.errors import CorpusError, SplitError
+from strategies import chunk_settings, doc_ids, paragraph_texts, texts
 
 PROPERTY = settings(
     max_examples=60,
@@ -60,7 +62,7 @@ def test_windows_cover_every_token_with_exactly_the_overlap(
         assert [c.index for c in chunks] == list(range(len(chunks)))
         assert chunks[0].token_start == 0
         assert chunks[-1].token_end == len(body)
-        for before, after in zip(chunks, chunks[1:], strict=False):
+        for before, after in itertools.pairwise(chunks):
             assert after.token_start == before.token_end - overlap
             assert after.token_start > before.token_start
         for c in chunks:
@@ -103,9 +105,7 @@ def test_no_document_in_two_splits_and_adding_documents_moves_no_other(
 ) -> None:
     fractions = (0.5, 0.5, 0.0)
     corpus = _build(docs, mixtral_tokenizer, max_length=16, overlap=0, fractions=fractions)
-    per_split = {
-        s: {c.doc_id for c in corpus.chunks(s)} for s in SPLITS
-    }
+    per_split = {s: {c.doc_id for c in corpus.chunks(s)} for s in SPLITS}
     assert not per_split["train"] & per_split["validation"]
     assert not per_split["test"]
     for c in corpus.chunks():
@@ -118,7 +118,7 @@ def test_no_document_in_two_splits_and_adding_documents_moves_no_other(
         overlap=0,
         fractions=fractions,
     )
-    shrunk_docs = [d for d in corpus.documents][1:]
+    shrunk_docs = list(corpus.documents)[1:]
     for doc in corpus.documents:
         assert grown.split_of(doc.id) == corpus.split_of(doc.id)
     if len(shrunk_docs) >= 2:
@@ -182,8 +182,16 @@ def test_rows_mask_padding_and_chunk_starts(mixtral_tokenizer, docs, settings_, 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_same_inputs_give_identical_rows(mixtral_tokenizer, layout) -> None:
     docs = [Document(f"d{i}", "A sentence here. " * (i * 7 + 3)) for i in range(12)]
-    a = ChunkedCorpus.from_documents(docs, mixtral_tokenizer, max_length=32, fractions=(0.5, 0.5, 0.0), progress=False)
-    b = ChunkedCorpus.from_documents(list(reversed(docs)), mixtral_tokenizer, max_length=32, fractions=(0.5, 0.5, 0.0), progress=False)
+    a = ChunkedCorpus.from_documents(
+        docs, mixtral_tokenizer, max_length=32, fractions=(0.5, 0.5, 0.0), progress=False
+    )
+    b = ChunkedCorpus.from_documents(
+        list(reversed(docs)),
+        mixtral_tokenizer,
+        max_length=32,
+        fractions=(0.5, 0.5, 0.0),
+        progress=False,
+    )
     da, db = a.to_datasets(layout), b.to_datasets(layout)
     for split in SPLITS:
         assert da[split].to_dict() == db[split].to_dict()

@@ -18,7 +18,9 @@ SLACK = 0.1
 
 @pytest.fixture(scope="module")
 def sample_corpus(arxiv_sample: Path, mixtral_tokenizer) -> ChunkedCorpus:  # type: ignore[no-untyped-def]
-    return ChunkedCorpus.from_folder(arxiv_sample, mixtral_tokenizer, max_length=MAX_LENGTH, progress=False)
+    return ChunkedCorpus.from_folder(
+        arxiv_sample, mixtral_tokenizer, max_length=MAX_LENGTH, progress=False
+    )
 
 
 def _expected_split(doc_id: str, seed: int = 0) -> str:
@@ -28,7 +30,9 @@ def _expected_split(doc_id: str, seed: int = 0) -> str:
     return "train" if u < 0.8 else "validation" if u < 0.9 else "test"
 
 
-def test_documents_and_splits_match_the_folder(sample_corpus: ChunkedCorpus, arxiv_sample: Path) -> None:
+def test_documents_and_splits_match_the_folder(
+    sample_corpus: ChunkedCorpus, arxiv_sample: Path
+) -> None:
     papers = sorted(p.name for p in arxiv_sample.glob("*.txt") if p.name.startswith("arxiv_"))
     assert len(papers) == 40
     assert [d.id for d in sample_corpus.documents] == papers
@@ -80,7 +84,9 @@ def test_datasets_have_the_described_shape(sample_corpus: ChunkedCorpus) -> None
         dd = sample_corpus.to_datasets(layout)
         assert list(dd) == list(SPLITS)
         for split in SPLITS:
-            rows = described[split].padded_rows if layout == "padded" else described[split].packed_rows
+            rows = (
+                described[split].padded_rows if layout == "padded" else described[split].packed_rows
+            )
             assert dd[split].num_rows == rows
             first = dd[split][0]
             assert len(first["input_ids"]) == len(first["labels"]) == MAX_LENGTH

@@ -218,7 +218,9 @@ def _check_tokenizer(tokenizer: object) -> None:
 
 
 def _content_id(text: str) -> str:
-    return "sha-" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return (
+        "sha-" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    )
 
 
 def _offline_requested() -> bool:
@@ -399,20 +401,26 @@ class ChunkedCorpus:
         documents: list[Document] = []
         skipped: list[SkippedDocument] = []
         for i, doc in enumerate(docs):
-            if isinstance(doc, Document):
-                documents.append(doc)
-            elif isinstance(doc, str):
-                documents.append(Document(_content_id(doc), doc))
+            item: object = doc  # callers without type checking pass anything
+            if isinstance(item, Document):
+                documents.append(item)
+            elif isinstance(item, str):
+                documents.append(Document(_content_id(item), item))
             else:
                 msg = (
-                    f"docs[{i}] is a {type(doc).__name__}, not a str or Document; "
+                    f"docs[{i}] is a {type(item).__name__}, not a str or Document; "
                     "pass texts or mixtune.corpus.Document(id, text)"
                 )
                 if errors == "raise":
                     raise DocumentError(msg, path=f"docs[{i}]")
                 skipped.append(SkippedDocument(f"docs[{i}]", msg))
         return cls._build(
-            documents, tokenizer, spec, origin="documents", skipped=tuple(skipped), progress=progress
+            documents,
+            tokenizer,
+            spec,
+            origin="documents",
+            skipped=tuple(skipped),
+            progress=progress,
         )
 
     @classmethod
@@ -492,9 +500,7 @@ class ChunkedCorpus:
                 f"cannot load dataset {dataset_id!r} ({type(exc).__name__}: {exc}); "
                 "check the id, name= and data_files=, or use ChunkedCorpus.from_folder"
             ) from exc
-        parts = (
-            loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        )
+        parts = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         documents: list[Document] = []
         skipped: list[SkippedDocument] = []
         for split_name in sorted(parts):
@@ -548,7 +554,12 @@ class ChunkedCorpus:
         if errors not in ("raise", "skip"):
             problems.append(f"errors must be 'raise' or 'skip' (got {errors!r})")
         limit = getattr(tokenizer, "model_max_length", None)
-        if _is_int(max_length) and isinstance(limit, int) and limit < _SANE_MODEL_MAX and max_length > limit:
+        if (
+            _is_int(max_length)
+            and isinstance(limit, int)
+            and limit < _SANE_MODEL_MAX
+            and max_length > limit
+        ):
             problems.append(
                 f"max_length ({max_length}) is beyond the tokenizer's limit "
                 f"(model_max_length={limit}); use at most {limit}"
@@ -832,27 +843,18 @@ class ChunkedCorpus:
             TokenizerError: No pad or EOS token to pad with.
         """
         import datasets
-        import pyarrow as pa
 
         if layout not in ("padded", "packed"):
             raise CorpusError(f"unknown layout {layout!r}; use 'padded' or 'packed'")
-
-        def to_list_array(arr: npt.NDArray[np.int64]) -> pa.Array:
-            offsets = np.arange(0, arr.size + 1, self.max_length, dtype=np.int32)
-            if arr.shape[0] == 0:
-                offsets = np.zeros(1, dtype=np.int32)
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(arr.reshape(-1)))
-
         out = {}
         for split in SPLITS:
             cols = self.rows(split, layout)
-            table: dict[str, pa.Array] = {}
-            for name, value in cols.items():
-                if isinstance(value, np.ndarray):
-                    table[name] = to_list_array(value)
-                else:
-                    table[name] = pa.array(value, type=pa.list_(pa.int64()))
-            out[split] = datasets.Dataset(pa.table(table))
+            # Explicit features: inference would pick int32 for some columns and
+            # null for the list column of an empty split.
+            features = datasets.Features(
+                {name: datasets.List(datasets.Value("int64")) for name in cols}
+            )
+            out[split] = datasets.Dataset.from_dict(cols, features=features)
         return datasets.DatasetDict(out)
 
     def describe(self) -> CorpusDescription:

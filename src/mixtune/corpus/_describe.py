@@ -12,6 +12,9 @@ from mixtune.corpus._splitting import Split
 
 __all__ = ["CorpusDescription", "Provenance", "Source", "SplitStats"]
 
+# The table names this many skipped documents; all of them are in ``.skipped``.
+_LISTED = 20
+
 
 @attrs.frozen
 class SplitStats:
@@ -118,8 +121,17 @@ class CorpusDescription:
         Returns:
             The table, several lines.
         """
-        head = ("split", "docs", "chunks", "tokens", "padded rows", "packed rows", "padded real", "packed real")
-        rows = [
+        head: tuple[str, ...] = (
+            "split",
+            "docs",
+            "chunks",
+            "tokens",
+            "padded rows",
+            "packed rows",
+            "padded real",
+            "packed real",
+        )
+        rows: list[tuple[str, ...]] = [
             (
                 s.split,
                 str(s.documents),
@@ -148,7 +160,9 @@ class CorpusDescription:
 
         def line(cells: tuple[str, ...]) -> str:
             first = cells[0].ljust(widths[0])
-            return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+            return "  ".join(
+                [first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))]
+            )
 
         fr = "/".join(f"{f:g}" for f in self.fractions)
         out = [
@@ -160,7 +174,9 @@ class CorpusDescription:
         ]
         if self.skipped:
             out.append(f"skipped {len(self.skipped)} documents:")
-            out.extend(f"  {s.id}: {s.reason}" for s in self.skipped)
+            out.extend(f"  {s.id}: {s.reason}" for s in self.skipped[:_LISTED])
+            if len(self.skipped) > _LISTED:
+                out.append(f"  ... and {len(self.skipped) - _LISTED} more (see .skipped)")
         else:
             out.append("skipped 0 documents")
         return "\n".join(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -183,7 +184,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def read_folder(path: str | Path, *, errors: Errors = "raise") -> FolderContents:
+def read_folder(path: str | os.PathLike[str], *, errors: Errors = "raise") -> FolderContents:
     """Read every supported file under ``path`` (recursively) as a document.
 
     Args:
@@ -210,7 +211,11 @@ def read_folder(path: str | Path, *, errors: Errors = "raise") -> FolderContents
             "or use ChunkedCorpus.from_documents"
         )
     files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not files:
