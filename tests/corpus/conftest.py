@@ -1,4 +1,8 @@
-"""Fixtures of the corpus tests: small tokenizers built offline and folders on disk."""
+"""Fixtures of the corpus tests: small tokenizers built offline and folders on disk.
+
+The real Mixtral tokenizer is the session fixture ``mixtral_tokenizer`` of
+``tests/conftest.py``; these stand for "any other tokenizer".
+"""
 
 from __future__ import annotations
 
@@ -7,46 +11,6 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
-
-# TEMPORARY (until mixtune.tokenizers.mixtral_v1 lands on main): a stand-in
-# for the real Mixtral tokenizer built from mistral-common's tokenizer.model.v1.
-try:
-    from mixtune.tokenizers import mixtral_v1 as _real  # noqa: F401
-except ImportError:  # pragma: no cover - removed once the real one lands
-
-    @pytest.fixture(scope="session")
-    def mixtral_tokenizer():  # type: ignore[no-untyped-def]
-        import mistral_common
-        from tokenizers import decoders
-        from tokenizers.models import BPE
-        from transformers.convert_slow_tokenizer import SentencePieceExtractor
-
-        path = str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
-        kw = SentencePieceExtractor(path).extract(None)
-        tk = Tokenizer(
-            BPE(kw["vocab"], kw["merges"], unk_token="<unk>", fuse_unk=True, byte_fallback=True)
-        )
-        tk.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-        )
-        tk.decoder = decoders.Sequence(
-            [
-                decoders.Replace("▁", " "),
-                decoders.ByteFallback(),
-                decoders.Fuse(),
-                decoders.Strip(" ", 1, 0),
-            ]
-        )
-        tk.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tk,
-            bos_token="<s>",
-            eos_token="</s>",
-            unk_token="<unk>",
-            model_max_length=32768,
-        )
 
 
 def _word_level(*, max_len: int, bos: bool) -> PreTrainedTokenizerFast:
