@@ -57,6 +57,7 @@ class Document:
             ``MANIFEST.tsv`` beside the files.
 
     Example:
+        >>> from mixtune.corpus import Document
         >>> Document("notes/a.txt", "Hello.", {"license": "CC0-1.0"}).license
         'CC0-1.0'
     """
