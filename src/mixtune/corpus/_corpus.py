@@ -664,6 +664,8 @@ class ChunkedCorpus:
                         parts = [prefix_arr, body[w.token_start : w.token_end]]
                         if last:
                             parts.append(eos_arr)
+                        ids_arr = np.concatenate(parts)
+                        ids_arr.setflags(write=False)  # chunks are immutable like the corpus
                         chunks.append(
                             Chunk(
                                 doc.id,
@@ -673,7 +675,7 @@ class ChunkedCorpus:
                                 w.token_end,
                                 w.char_start,
                                 w.char_end,
-                                np.concatenate(parts),
+                                ids_arr,
                             )
                         )
                 bar.update(len(batch))
