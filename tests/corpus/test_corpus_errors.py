@@ -349,3 +349,21 @@ def test_unreadable_file_is_named(
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     with pytest.raises(DocumentError, match=r"locked\.txt: cannot be read \(Permission denied\)"):
         ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64, fractions=(1, 0, 0))
+
+
+def test_from_hub_row_without_text(tmp_path: Path, word_tokenizer) -> None:
+    rows = '{"text": "Experts route tokens."}\n{"text": null}\n'
+    (tmp_path / "rows.jsonl").write_text(rows, encoding="utf-8")
+    kwargs = {
+        "data_files": str(tmp_path / "rows.jsonl"),
+        "cache_dir": str(tmp_path / "cache"),
+        "max_length": 64,
+        "fractions": (1, 0, 0),
+        "progress": False,
+    }
+    with pytest.raises(DocumentError, match=r"row 'train/1': column 'text' holds NoneType") as info:
+        ChunkedCorpus.from_hub("json", word_tokenizer, **kwargs)
+    assert info.value.path == "train/1"
+    corpus = ChunkedCorpus.from_hub("json", word_tokenizer, errors="skip", **kwargs)
+    assert [d.id for d in corpus.documents] == ["train/0"]
+    assert [s.id for s in corpus.describe().skipped] == ["train/1"]
