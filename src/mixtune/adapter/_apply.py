@@ -31,7 +31,7 @@ __all__ = ["AdaptedModel", "SupportsModel", "apply_spec"]
 class SupportsModel(Protocol):
     """What :meth:`AdapterSpec.apply` needs: a causal LM at ``.model``.
 
-    mixtune's ``LoadedModel`` is one; ``source`` (for the exported
+    :class:`~mixtune.model.LoadedModel` is one; ``source`` (for the exported
     ``base_model_name_or_path``) is read when present.
     """
 
@@ -398,7 +398,7 @@ class AdaptedModel:
     Attributes:
         model: The adapted causal LM.
         spec: The spec that was applied.
-        loaded: What it was applied to (the ``LoadedModel``).
+        loaded: What it was applied to (the :class:`~mixtune.model.LoadedModel`).
         coverage: Every targeted module/expert and whether it carries LoRA.
         lora_modules: Module path → the mixtune LoRA module at that path.
     """

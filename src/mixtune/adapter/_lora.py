@@ -34,7 +34,7 @@ EXPERT_PROJECTIONS: tuple[ExpertProjection, ...] = ("gate", "up", "down")
 class ExpertsLike(Protocol):
     """What :class:`LoraExperts` needs from a stack of experts.
 
-    mixtune's ``MoEExperts`` provides it; so does
+    :class:`~mixtune.model.MoEExperts` provides it; so does
     :class:`StockExperts` for transformers' own ``MixtralExperts``.
     """
 
@@ -58,7 +58,7 @@ class StockExperts(nn.Module):
     """:class:`ExpertsLike` view of transformers' ``MixtralExperts`` (plain 3-D weights).
 
     Lets the adapter work on a model that was not loaded through
-    ``load_quantized``.
+    :func:`~mixtune.model.load_quantized`.
 
     Args:
         experts: A ``MixtralExperts`` module (``gate_up_proj`` (E, 2I, H),

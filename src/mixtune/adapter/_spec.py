@@ -269,7 +269,8 @@ class AdapterSpec:
         No forward pass is run.
 
         Args:
-            loaded: A ``LoadedModel`` from ``load_quantized`` (anything with a
+            loaded: A :class:`~mixtune.model.LoadedModel` from
+                :func:`~mixtune.model.load_quantized` (anything with a
                 ``.model`` causal LM works).
             seed: Seed of the factor initialisation.
             dtype: dtype of the LoRA factors (float32 keeps the optimizer's
