@@ -68,6 +68,113 @@ texts = st.one_of(
 """Strings mixing Unicode, whitespace runs, digits and LaTeX."""
 
 
+# --- tok: tokenizer parity strategies (owner: tok) ---------------------------
+
+_WHITESPACE = st.sampled_from([" ", "\n", "\t", "\r", "\u00a0", "\u2581", "\u3000", "\u2028"])
+
+whitespace_texts = st.lists(
+    st.one_of(
+        # Runs of one whitespace character, long enough to need several pieces
+        # ("▁" × 16 is the longest whitespace piece).
+        st.tuples(_WHITESPACE, st.integers(1, 40)).map(lambda t: t[0] * t[1]),
+        st.lists(_WHITESPACE, min_size=1, max_size=8).map("".join),
+        st.sampled_from(["x", "the", "Mixtral", "42", ".", "中", "é", "🙂"]),
+    ),
+    max_size=12,
+).map("".join)
+"""Whitespace runs (spaces, newlines, tabs, NBSP, "▁") around short words, leading and trailing."""
+
+unicode_texts = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80
+)
+"""Any encodable Unicode: astral planes, combining marks, controls, private use."""
+
+latex_texts = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                r"\begin{equation}",
+                r"\end{equation}",
+                r"\mathbb{R}^{d}",
+                r"\left(",
+                r"\right)",
+                r"\cite{smith2020}",
+                r"\label{eq:1}",
+                "$",
+                "$$",
+                "^",
+                "_{",
+                "}",
+                "\\\\",
+                " & ",
+                "%",
+                "~",
+                "---",
+                "``",
+                "''",
+            ]
+        ),
+        st.integers(-(10**12), 10**12).map(str),
+        st.floats(allow_nan=False, allow_infinity=False).map(repr),
+        st.from_regex(r"[a-zA-Z]{1,10}", fullmatch=True),
+        _WHITESPACE,
+    ),
+    max_size=30,
+).map("".join)
+"""LaTeX-ish markup with numbers: what arXiv text mostly looks like to a tokenizer."""
+
+tokenizer_texts = st.one_of(texts, whitespace_texts, unicode_texts, latex_texts)
+"""Everything above: input for tokenizer parity properties."""
+
+
+# ---------------------------------------------------------------------------
+# corpus (owner: corpus) — documents and chunking settings
+# ---------------------------------------------------------------------------
+
+_PROSE = st.sampled_from(
+    [
+        "The router sends each token to two experts.",
+        "Sparse models scale well.",
+        "We prove the claim by induction on $n$.",
+        "Table 3 lists the results [12].",
+        r"\[ \sum_{i=1}^n x_i = 1 \]",
+        "Mixture-of-Experts layers replace the MLP.",
+        "Résumé: ça marche très bien.",
+        "中文句子。",
+        "Why? Because!",
+        "i.e. the first, e.g. the second",
+    ]
+)
+
+_SEPARATORS = st.sampled_from([" ", "  ", "\n", "\n\n", "\n\n\n", " \n", "\r\n", "\t", "\u00a0"])
+
+paragraph_texts = st.lists(
+    st.one_of(
+        st.tuples(_PROSE, _SEPARATORS).map("".join),
+        texts,
+    ),
+    min_size=1,
+    max_size=12,
+).map("".join)
+"""Multi-sentence texts with paragraph and line breaks plus arbitrary Unicode."""
+
+doc_ids = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12
+)
+"""Document ids: any non-empty UTF-8-encodable string."""
+
+
+@st.composite
+def chunk_settings(draw: st.DrawFn, *, specials: int = 2) -> tuple[int, int]:
+    """``(max_length, overlap)`` with ``overlap < max_length - specials``."""
+    max_length = draw(st.integers(min_value=8, max_value=48))
+    overlap = draw(st.integers(min_value=0, max_value=max_length - specials - 1))
+    return max_length, overlap
+
+
+# --------------------------------------------------------------- end corpus
+
+
 # ---------------------------------------------------------------------------
 # model (owner: model): 4-bit storage specs and weight matrices
 # ---------------------------------------------------------------------------

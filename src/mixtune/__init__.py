@@ -7,6 +7,13 @@ The pipeline, one import each::
 
 from __future__ import annotations
 
+from mixtune.corpus import (
+    ChunkedCorpus,
+    CorpusDescription,
+    CorpusSpec,
+    Document,
+    Provenance,
+)
 from mixtune.errors import (
     AdapterError,
     CheckpointError,
@@ -26,20 +33,26 @@ from mixtune.errors import (
     TrainingError,
     UnsupportedModelError,
 )
+from mixtune.tokenizers import mixtral_v1
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdapterError",
     "CheckpointError",
+    "ChunkedCorpus",
     "ConfigError",
+    "CorpusDescription",
     "CorpusError",
+    "CorpusSpec",
+    "Document",
     "DocumentError",
     "MixtuneError",
     "ModelLoadError",
     "NonFiniteLossError",
     "OfflineError",
     "PreflightError",
+    "Provenance",
     "PublishError",
     "QuantizationUnavailableError",
     "SplitError",
@@ -48,4 +61,5 @@ __all__ = [
     "TrainingError",
     "UnsupportedModelError",
     "__version__",
+    "mixtral_v1",
 ]
