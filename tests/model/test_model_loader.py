@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import DEVICES
 from torch import nn
 
 from mixtune.errors import (
@@ -31,6 +30,7 @@ from mixtune.model import (
     iter_expert_modules,
     load_quantized,
 )
+from tests.model.model_helpers import DEVICES
 
 FP32_NF4 = QuantSpec.nf4(compute_dtype=torch.float32)
 
