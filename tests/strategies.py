@@ -207,3 +207,27 @@ adapter_target_names = st.sampled_from(
 
 adapter_target_lists = st.lists(adapter_target_names, min_size=1, max_size=8)
 """Non-empty lists of valid adapter targets, with repeats."""
+
+
+# ---------------------------------------------------------------------------
+# model (owner: model): 4-bit storage specs and weight matrices
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def quant_specs(draw: st.DrawFn) -> object:
+    """Valid 4-bit ``mixtune.model.QuantSpec`` values (fp32 compute, for exact checks)."""
+    import torch
+
+    from mixtune.model import QuantSpec
+
+    return QuantSpec(
+        method=draw(st.sampled_from(["nf4", "fp4"])),
+        double_quant=draw(st.booleans()),
+        compute_dtype=torch.float32,
+        block_size=draw(st.sampled_from([64, 128, 256])),
+    )
+
+
+matrix_shapes = st.tuples(st.integers(1, 48), st.integers(1, 48).map(lambda n: 2 * n))
+"""``(rows, cols)`` of a weight matrix; an even column count, as in real models."""
