@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
+from mixtune.kernels import ExpertLoraFactors, grouped_path_available, moe_grouped_forward
+
 __all__ = [
     "ExpertFactors",
     "ExpertsLike",
@@ -320,6 +322,44 @@ class LoraExperts(nn.Module):
                 )
             self.add_module(f"{proj}_proj", factors)
         self.dropouts = nn.ModuleDict({p: _dropout(dropout) for p in self.projections})
+        # CUDA + bf16: one grouped GEMM per projection over expert-sorted
+        # tokens; False forces the per-expert loop (the reference path).
+        self.grouped = True
+
+    def _grouped_ok(self, hidden_states: Tensor) -> bool:
+        # The grouped path needs the whole (E, out, in) stack of the base.
+        return hasattr(self.base, "stacked_weight") and grouped_path_available(hidden_states)
+
+    def _grouped_forward(
+        self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+    ) -> Tensor:
+        """Sort tokens by expert once; each projection is one grouped product.
+
+        The base layer's experts are dequantized into one transient stack per
+        projection; under gradient checkpointing that stack lives only while
+        the layer runs.  LoRA stays low-rank (grouped ``x Aᵀ`` then ``Bᵀ``).
+        """
+        base: Any = self.base
+        dtype = hidden_states.dtype
+        factors: dict[str, tuple[Tensor, Tensor]] = {}
+        for proj in self.projections:
+            pair = self.factors(proj)
+            if pair is not None:
+                factors[proj] = (pair.lora_A, pair.lora_B)
+        first = self.dropouts[self.projections[0]] if self.projections else None
+        dropout = getattr(first, "p", 0.0)
+        lora = ExpertLoraFactors(
+            factors=factors, scaling=self.scale, dropout=float(dropout), training=self.training
+        )
+        return moe_grouped_forward(
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            base.stacked_weight("gate_up", dtype),
+            base.stacked_weight("down", dtype),
+            base.act_fn,
+            lora,
+        )
 
     def factors(self, projection: Literal["gate", "up", "down"]) -> ExpertFactors | None:
         """The factors of one projection, or None if it is not adapted.
@@ -376,6 +416,8 @@ class LoraExperts(nn.Module):
         Returns:
             ``(tokens, H)`` in the input's dtype.
         """
+        if self.grouped and self._grouped_ok(hidden_states):
+            return self._grouped_forward(hidden_states, top_k_index, top_k_weights)
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # (E, k, tokens) membership; only experts that got tokens run.

@@ -7,6 +7,7 @@ from mixtune.kernels._moe import (
     RoutingPlan,
     grouped_mm,
     grouped_mm_reference,
+    grouped_path_available,
     moe_grouped_forward,
     routing_plan,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "RoutingPlan",
     "grouped_mm",
     "grouped_mm_reference",
+    "grouped_path_available",
     "moe_grouped_forward",
     "routing_plan",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "RoutingPlan",
     "grouped_mm",
     "grouped_mm_reference",
+    "grouped_path_available",
     "moe_grouped_forward",
     "routing_plan",
 ]
@@ -51,7 +52,15 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
     return torch.cat(parts, dim=0)
 
 
-def _native_grouped_mm_usable(x: torch.Tensor) -> bool:
+def grouped_path_available(x: torch.Tensor) -> bool:
+    """Whether ``x`` can go through the native grouped GEMM (CUDA, bf16).
+
+    Args:
+        x: Activations that would be multiplied.
+
+    Returns:
+        True on CUDA with ``torch.nn.functional.grouped_mm`` and bf16 input.
+    """
     return x.is_cuda and hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16
 
 
@@ -66,7 +75,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     Returns:
         ``(N, M)``.
     """
-    if _native_grouped_mm_usable(x):
+    if grouped_path_available(x):
         return F.grouped_mm(x, w.to(x.dtype), offs=offs)
     return grouped_mm_reference(x, w, offs)
 

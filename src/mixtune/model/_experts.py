@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mixtune.kernels import grouped_path_available, moe_grouped_forward
 from mixtune.model._quant import Packed4bit, QuantSpec, dequant_linear
 
 __all__ = ["ExpertKind", "MoEExperts"]
@@ -60,6 +61,7 @@ class MoEExperts(nn.Module):
 
     gate_up_proj: nn.Parameter
     down_proj: nn.Parameter
+    grouped: bool
 
     def __init__(
         self,
@@ -73,6 +75,10 @@ class MoEExperts(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        # Where the device has a grouped GEMM (CUDA, bf16) the forward sorts
+        # tokens by expert and runs one grouped product per projection;
+        # ``grouped = False`` forces the per-expert loop (the reference path).
+        self.grouped = True
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
@@ -236,6 +242,34 @@ class MoEExperts(nn.Module):
         plain = self._plain(kind)[expert].detach()
         return plain.to(dtype or plain.dtype, copy=True)
 
+    def stacked_weight(self, kind: ExpertKind, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Every expert's matrix of one kind as one ``(E, out, in)`` tensor, frozen.
+
+        4-bit storage is dequantized expert by expert into a single new
+        buffer (one expert's temporary at a time); plain storage returns the
+        parameter itself, detached, cast only if ``dtype`` differs.
+
+        Args:
+            kind: ``"gate_up"`` or ``"down"``.
+            dtype: Result dtype (default: compute dtype if 4-bit, else stored).
+
+        Returns:
+            The ``(E, out, in)`` stack.
+
+        Raises:
+            ValueError: If ``kind`` is wrong.
+        """
+        self._check(kind, 0)
+        if not self.is_quantized:
+            plain = self._plain(kind).detach()
+            return plain if dtype in (None, plain.dtype) else plain.to(dtype)
+        packed = self._packed(kind)
+        dtype = dtype or self.quant.compute_dtype
+        out = torch.empty((self.num_experts, *packed.shape), dtype=dtype, device=packed.data.device)
+        for expert in range(self.num_experts):
+            out[expert].copy_(packed.dequantize(expert, dtype))
+        return out
+
     def project(self, kind: ExpertKind, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Apply one expert's ``gate_up`` or ``down`` matrix: ``x @ W.T``.
 
@@ -287,6 +321,15 @@ class MoEExperts(nn.Module):
         Returns:
             ``(tokens, hidden)``.
         """
+        if self.grouped and grouped_path_available(hidden_states):
+            return moe_grouped_forward(
+                hidden_states,
+                top_k_index,
+                top_k_weights,
+                self.stacked_weight("gate_up", hidden_states.dtype),
+                self.stacked_weight("down", hidden_states.dtype),
+                self.act_fn,
+            )
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hits = torch.unique(top_k_index).tolist()
