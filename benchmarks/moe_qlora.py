@@ -1,0 +1,241 @@
+"""QLoRA training throughput on a Mixtral-8x7B-width slice: stock stack vs mixtune.
+
+Arms, each measured in its own subprocess on the same card in one run:
+
+(a) the guide's recipe on today's stack: ``BitsAndBytesConfig`` nf4 +
+    ``prepare_model_for_kbit_training`` + PEFT ``target_parameters``;
+(b) bf16 base + transformers' ``grouped_mm`` experts + PEFT ``target_parameters``;
+(c) mixtune: ``load_quantized`` (4-bit attention and experts) + ``AdapterSpec``.
+
+All arms: LoRA r=16 (alpha 32) on q/k/v/o and every expert's gate/up/down,
+non-reentrant gradient checkpointing, paged 8-bit AdamW, random tokens.
+
+FLOPs: forward FLOPs per token = 2·N_active + 2·L·T·d_model (causal attention
+scores and values, half of the full T×T), with N_active = L·(attention
+projections + router + top-k experts' three projections) + lm_head; training
+= 3 × forward.  MFU = tokens/s × 3 × forward FLOPs per token / 989e12 (H100/H200
+dense bf16 peak).
+
+Usage::
+
+    python benchmarks/moe_qlora.py --workdir /tmp/slice            # all arms
+    python benchmarks/moe_qlora.py --tiny --arms c                  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEAK_FLOPS = 989e12
+
+
+def slice_config(layers: int, tiny: bool):  # type: ignore[no-untyped-def]
+    from transformers import MixtralConfig
+
+    if tiny:
+        return MixtralConfig(
+            vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=4096,
+        )
+    return MixtralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
+    )
+
+
+def forward_flops_per_token(config, seq: int) -> float:  # type: ignore[no-untyped-def]
+    d, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = d // config.num_attention_heads * config.num_key_value_heads
+    attn = d * d * 2 + d * kv * 2
+    experts = config.num_experts_per_tok * 3 * d * inter
+    router = d * config.num_local_experts
+    active = layers * (attn + experts + router) + d * config.vocab_size
+    return 2.0 * active + 2.0 * layers * seq * d
+
+
+def _peft_config(targets_params: list[str]):  # type: ignore[no-untyped-def]
+    from peft import LoraConfig
+
+    # PEFT refuses dropout with target_parameters, so every arm runs dropout 0.
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=targets_params,
+    )
+
+
+def build_arm(arm: str, path: Path, device: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    if arm == "a":
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=torch.bfloat16, device_map=device
+        )
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        model = get_peft_model(model, _peft_config(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    elif arm == "b":
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map=device, experts_implementation="grouped_mm"
+        )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model = get_peft_model(model, _peft_config(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    elif arm == "c":
+        from mixtune.adapter import AdapterSpec
+        from mixtune.model import QuantSpec, load_quantized
+
+        loaded = load_quantized(path, quant=QuantSpec.nf4(), dtype=torch.bfloat16, device_map=device)
+        adapted = AdapterSpec.lora(r=16, alpha=32, dropout=0.0, targets=("attention", "experts")).apply(loaded)
+        model = adapted.model
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    else:
+        raise SystemExit(f"unknown arm {arm!r}")
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def run_arm(args: argparse.Namespace) -> dict[str, object]:
+    import bitsandbytes as bnb
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = build_arm(args.arm, Path(args.workdir), device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    if device == "cuda":
+        optim = bnb.optim.PagedAdamW8bit(trainable, lr=1e-4)
+    else:
+        optim = torch.optim.AdamW(trainable, lr=1e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (args.batch, args.seq), device=device)
+
+    def step() -> float:
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    # Gradient check: every trainable tensor must have received a gradient.
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    optim.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(args.steps)]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    tokens = args.batch * args.seq * args.steps
+    tok_s = tokens / elapsed
+    flops = forward_flops_per_token(model.config, args.seq)
+    expert_lora = sum(1 for n, p in model.named_parameters() if p.requires_grad and "expert" in n)
+    return {
+        "arm": args.arm,
+        "batch": args.batch,
+        "seq": args.seq,
+        "tokens_per_s": tok_s,
+        "peak_gib": (torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None,
+        "mfu": tok_s * 3 * flops / PEAK_FLOPS,
+        "trainable_params": n_trainable,
+        "trainable_tensors": len(trainable),
+        "expert_lora_tensors": expert_lora,
+        "tensors_without_grad": len(no_grad),
+        "losses": losses,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/mixtune-slice")
+    parser.add_argument("--arms", default="a,b,c")
+    parser.add_argument("--shapes", default="2x1200,8x1200")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke run")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_qlora.json"))
+    # internal: one arm in this process
+    parser.add_argument("--arm")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
+    args = parser.parse_args()
+
+    if args.arm:
+        print("RESULT " + json.dumps(run_arm(args)), flush=True)
+        return
+
+    import torch
+    import transformers
+
+    from mixtune.model import random_checkpoint
+
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").exists():
+        random_checkpoint(slice_config(args.layers, args.tiny), workdir, layout="fused", seed=0)
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, seq = (int(v) for v in shape.split("x"))
+        for arm in args.arms.split(","):
+            cmd = [sys.executable, __file__, "--arm", arm, "--batch", str(batch), "--seq", str(seq),
+                   "--workdir", str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                rows.append({"arm": arm, "batch": batch, "seq": seq, "error": tail})
+                print(f"arm {arm} {shape} failed:\n{tail}", file=sys.stderr)
+            else:
+                rows.append(json.loads(line[len("RESULT "):]))
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    meta = {
+        "card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "layers": args.layers, "tiny": args.tiny,
+    }
+    print(f"{card} | torch {torch.__version__} | transformers {transformers.__version__} | {meta['date']}")
+    print(f"{'arm':<4}{'B×T':>9}{'tok/s':>11}{'peak GiB':>10}{'MFU':>7}{'LoRA tensors':>14}{'no grad':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['arm']:<4}{r['batch']}x{r['seq']:>6}   failed")
+            continue
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        print(f"{r['arm']:<4}{r['batch']:>4}x{r['seq']:<4}{r['tokens_per_s']:>11,.0f}{peak:>10}"
+              f"{r['mfu']:>7.1%}{r['trainable_tensors']:>14}{r['tensors_without_grad']:>9}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
