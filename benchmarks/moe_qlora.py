@@ -41,14 +41,27 @@ def slice_config(layers: int, tiny: bool):  # type: ignore[no-untyped-def]
 
     if tiny:
         return MixtralConfig(
-            vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-            num_experts_per_tok=2, max_position_embeddings=4096,
+            vocab_size=32000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=4096,
         )
     return MixtralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
     )
 
 
@@ -67,7 +80,11 @@ def _peft_config(targets_params: list[str]):  # type: ignore[no-untyped-def]
 
     # PEFT refuses dropout with target_parameters, so every arm runs dropout 0.
     return LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=targets_params,
     )
@@ -81,17 +98,22 @@ def build_arm(arm: str, path: Path, device: str):  # type: ignore[no-untyped-def
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant, dtype=torch.bfloat16, device_map=device
         )
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True,
+            model,
+            use_gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        model = get_peft_model(model, _peft_config(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        model = get_peft_model(
+            model, _peft_config(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        )
     elif arm == "b":
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
@@ -101,13 +123,19 @@ def build_arm(arm: str, path: Path, device: str):  # type: ignore[no-untyped-def
         )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-        model = get_peft_model(model, _peft_config(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        model = get_peft_model(
+            model, _peft_config(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        )
     elif arm == "c":
         from mixtune.adapter import AdapterSpec
         from mixtune.model import QuantSpec, load_quantized
 
-        loaded = load_quantized(path, quant=QuantSpec.nf4(), dtype=torch.bfloat16, device_map=device)
-        adapted = AdapterSpec.lora(r=16, alpha=32, dropout=0.0, targets=("attention", "experts")).apply(loaded)
+        loaded = load_quantized(
+            path, quant=QuantSpec.nf4(), dtype=torch.bfloat16, device_map=device
+        )
+        adapted = AdapterSpec.lora(
+            r=16, alpha=32, dropout=0.0, targets=("attention", "experts")
+        ).apply(loaded)
         model = adapted.model
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -116,6 +144,35 @@ def build_arm(arm: str, path: Path, device: str):  # type: ignore[no-untyped-def
     model.config.use_cache = False
     model.train()
     return model
+
+
+def corpus_batch(layout: str, batch: int, seq: int, device: str) -> tuple[dict[str, object], int]:
+    """``batch`` rows of the guide-like short-row corpus (~250 characters a row).
+
+    Padded rows carry an attention mask; packed rows carry restarting
+    ``position_ids`` and no mask, so attention stays inside each chunk.
+    Returns the batch and its count of real (non-pad) tokens.
+    """
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from corpus import _default_folder, _short_rows  # the corpus benchmark's row cutter
+    from mixtune.corpus import ChunkedCorpus
+    from mixtune.tokenizers import mixtral_v1
+
+    tok = mixtral_v1()
+    papers = ChunkedCorpus.from_folder(_default_folder(), tok, max_length=seq, progress=False)
+    short = ChunkedCorpus.from_documents(_short_rows(papers), tok, max_length=seq, progress=False)
+    rows = short.to_datasets(layout)["train"].select(range(batch))
+    cols = ["input_ids", "labels"] + (
+        ["attention_mask"] if layout == "padded" else ["position_ids"]
+    )
+    out = {c: torch.tensor(rows[c], device=device) for c in cols}
+    if layout == "padded":
+        real = int(out["attention_mask"].sum())
+    else:
+        real = int(sum(sum(lens) for lens in rows["seq_lens"]))
+    return out, real
 
 
 def run_arm(args: argparse.Namespace) -> dict[str, object]:
@@ -135,9 +192,13 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
         optim = torch.optim.AdamW(trainable, lr=1e-4)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (args.batch, args.seq), device=device)
+    batch: dict[str, torch.Tensor] = {"input_ids": ids, "labels": ids}
+    real_tokens = args.batch * args.seq
+    if args.data != "random":
+        batch, real_tokens = corpus_batch(args.data, args.batch, args.seq, device)
 
     def step() -> float:
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out = model(**batch, use_cache=False)
         out.loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -146,9 +207,13 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
     for _ in range(args.warmup):
         step()
     # Gradient check: every trainable tensor must have received a gradient.
-    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out = model(**batch, use_cache=False)
     out.loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    no_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))
+    ]
     optim.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -163,6 +228,9 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
     expert_lora = sum(1 for n, p in model.named_parameters() if p.requires_grad and "expert" in n)
     return {
         "arm": args.arm,
+        "data": args.data,
+        "real_fraction": real_tokens / (args.batch * args.seq),
+        "real_tokens_per_s": tok_s * real_tokens / (args.batch * args.seq),
         "batch": args.batch,
         "seq": args.seq,
         "tokens_per_s": tok_s,
@@ -177,7 +245,9 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="/tmp/mixtune-slice")
     parser.add_argument("--arms", default="a,b,c")
     parser.add_argument("--shapes", default="2x1200,8x1200")
@@ -190,6 +260,12 @@ def main() -> None:
     parser.add_argument("--arm")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
+    parser.add_argument("--data", default="random", choices=["random", "padded", "packed"])
+    parser.add_argument(
+        "--real-data-arm",
+        default="c",
+        help="arm that also runs on the guide-like short rows, padded and packed, at the last shape",
+    )
     args = parser.parse_args()
 
     if args.arm:
@@ -208,8 +284,22 @@ def main() -> None:
     for shape in args.shapes.split(","):
         batch, seq = (int(v) for v in shape.split("x"))
         for arm in args.arms.split(","):
-            cmd = [sys.executable, __file__, "--arm", arm, "--batch", str(batch), "--seq", str(seq),
-                   "--workdir", str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--arm",
+                arm,
+                "--batch",
+                str(batch),
+                "--seq",
+                str(seq),
+                "--workdir",
+                str(workdir),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -217,22 +307,71 @@ def main() -> None:
                 rows.append({"arm": arm, "batch": batch, "seq": seq, "error": tail})
                 print(f"arm {arm} {shape} failed:\n{tail}", file=sys.stderr)
             else:
-                rows.append(json.loads(line[len("RESULT "):]))
+                rows.append(json.loads(line[len("RESULT ") :]))
+    if args.real_data_arm:
+        batch, seq = (int(v) for v in args.shapes.split(",")[-1].split("x"))
+        for layout in ("padded", "packed"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--arm",
+                args.real_data_arm,
+                "--batch",
+                str(batch),
+                "--seq",
+                str(seq),
+                "--workdir",
+                str(workdir),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--data",
+                layout,
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                rows.append(
+                    {
+                        "arm": args.real_data_arm,
+                        "batch": batch,
+                        "seq": seq,
+                        "data": layout,
+                        "error": tail,
+                    }
+                )
+                print(f"real-data {layout} failed:\n{tail}", file=sys.stderr)
+            else:
+                rows.append(json.loads(line[len("RESULT ") :]))
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     meta = {
-        "card": card, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "layers": args.layers, "tiny": args.tiny,
+        "card": card,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "layers": args.layers,
+        "tiny": args.tiny,
     }
-    print(f"{card} | torch {torch.__version__} | transformers {transformers.__version__} | {meta['date']}")
-    print(f"{'arm':<4}{'B×T':>9}{'tok/s':>11}{'peak GiB':>10}{'MFU':>7}{'LoRA tensors':>14}{'no grad':>9}")
+    print(
+        f"{card} | torch {torch.__version__} | transformers {transformers.__version__} | {meta['date']}"
+    )
+    print(
+        f"{'arm':<4}{'data':<8}{'B×T':>9}{'tok/s':>11}{'real tok/s':>12}{'peak GiB':>10}{'MFU':>7}"
+        f"{'LoRA tensors':>14}{'no grad':>9}"
+    )
     for r in rows:
+        data = r.get("data", "random")
         if "error" in r:
-            print(f"{r['arm']:<4}{r['batch']}x{r['seq']:>6}   failed")
+            print(f"{r['arm']:<4}{data:<8}{r['batch']:>4}x{r['seq']:<4}   failed")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['arm']:<4}{r['batch']:>4}x{r['seq']:<4}{r['tokens_per_s']:>11,.0f}{peak:>10}"
-              f"{r['mfu']:>7.1%}{r['trainable_tensors']:>14}{r['tensors_without_grad']:>9}")
+        print(
+            f"{r['arm']:<4}{data:<8}{r['batch']:>4}x{r['seq']:<4}{r['tokens_per_s']:>11,.0f}"
+            f"{r['real_tokens_per_s']:>12,.0f}{peak:>10}{r['mfu']:>7.1%}"
+            f"{r['trainable_tensors']:>14}{r['tensors_without_grad']:>9}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
