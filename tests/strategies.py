@@ -66,3 +66,62 @@ texts = st.one_of(
     st.lists(st.one_of(_FRAGMENTS, st.text(max_size=6)), max_size=30).map("".join),
 )
 """Strings mixing Unicode, whitespace runs, digits and LaTeX."""
+
+
+# --- tok: tokenizer parity strategies (owner: tok) ---------------------------
+
+_WHITESPACE = st.sampled_from([" ", "\n", "\t", "\r", "\u00a0", "\u2581", "\u3000", "\u2028"])
+
+whitespace_texts = st.lists(
+    st.one_of(
+        # Runs of one whitespace character, long enough to need several pieces
+        # ("▁" × 16 is the longest whitespace piece).
+        st.tuples(_WHITESPACE, st.integers(1, 40)).map(lambda t: t[0] * t[1]),
+        st.lists(_WHITESPACE, min_size=1, max_size=8).map("".join),
+        st.sampled_from(["x", "the", "Mixtral", "42", ".", "中", "é", "🙂"]),
+    ),
+    max_size=12,
+).map("".join)
+"""Whitespace runs (spaces, newlines, tabs, NBSP, "▁") around short words, leading and trailing."""
+
+unicode_texts = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80
+)
+"""Any encodable Unicode: astral planes, combining marks, controls, private use."""
+
+latex_texts = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                r"\begin{equation}",
+                r"\end{equation}",
+                r"\mathbb{R}^{d}",
+                r"\left(",
+                r"\right)",
+                r"\cite{smith2020}",
+                r"\label{eq:1}",
+                "$",
+                "$$",
+                "^",
+                "_{",
+                "}",
+                "\\\\",
+                " & ",
+                "%",
+                "~",
+                "---",
+                "``",
+                "''",
+            ]
+        ),
+        st.integers(-(10**12), 10**12).map(str),
+        st.floats(allow_nan=False, allow_infinity=False).map(repr),
+        st.from_regex(r"[a-zA-Z]{1,10}", fullmatch=True),
+        _WHITESPACE,
+    ),
+    max_size=30,
+).map("".join)
+"""LaTeX-ish markup with numbers: what arXiv text mostly looks like to a tokenizer."""
+
+tokenizer_texts = st.one_of(texts, whitespace_texts, unicode_texts, latex_texts)
+"""Everything above: input for tokenizer parity properties."""

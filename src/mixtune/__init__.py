@@ -26,6 +26,7 @@ from mixtune.errors import (
     TrainingError,
     UnsupportedModelError,
 )
+from mixtune.tokenizers import mixtral_v1
 
 __version__ = "0.1.0.dev0"
 
@@ -48,4 +49,5 @@ __all__ = [
     "TrainingError",
     "UnsupportedModelError",
     "__version__",
+    "mixtral_v1",
 ]
