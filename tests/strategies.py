@@ -159,3 +159,50 @@ adapter_target_names = st.sampled_from(
 
 adapter_target_lists = st.lists(adapter_target_names, min_size=1, max_size=8)
 """Non-empty lists of valid adapter targets, with repeats."""
+
+
+# corpus (owner: corpus) — documents and chunking settings
+# ---------------------------------------------------------------------------
+
+_PROSE = st.sampled_from(
+    [
+        "The router sends each token to two experts.",
+        "Sparse models scale well.",
+        "We prove the claim by induction on $n$.",
+        "Table 3 lists the results [12].",
+        r"\[ \sum_{i=1}^n x_i = 1 \]",
+        "Mixture-of-Experts layers replace the MLP.",
+        "Résumé: ça marche très bien.",
+        "中文句子。",
+        "Why? Because!",
+        "i.e. the first, e.g. the second",
+    ]
+)
+
+_SEPARATORS = st.sampled_from([" ", "  ", "\n", "\n\n", "\n\n\n", " \n", "\r\n", "\t", "\u00a0"])
+
+paragraph_texts = st.lists(
+    st.one_of(
+        st.tuples(_PROSE, _SEPARATORS).map("".join),
+        texts,
+    ),
+    min_size=1,
+    max_size=12,
+).map("".join)
+"""Multi-sentence texts with paragraph and line breaks plus arbitrary Unicode."""
+
+doc_ids = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12
+)
+"""Document ids: any non-empty UTF-8-encodable string."""
+
+
+@st.composite
+def chunk_settings(draw: st.DrawFn, *, specials: int = 2) -> tuple[int, int]:
+    """``(max_length, overlap)`` with ``overlap < max_length - specials``."""
+    max_length = draw(st.integers(min_value=8, max_value=48))
+    overlap = draw(st.integers(min_value=0, max_value=max_length - specials - 1))
+    return max_length, overlap
+
+
+# --------------------------------------------------------------- end corpus
