@@ -97,6 +97,14 @@ def _is_quantized(model: nn.Module) -> bool:
     )
 
 
+def _census_bytes(adapted: Any) -> int | None:
+    census = getattr(getattr(adapted, "loaded", None), "census", None)
+    if not callable(census):
+        return None
+    total = getattr(census(), "total_bytes", None)
+    return int(total) if isinstance(total, int) else None
+
+
 def _history(log_history: list[dict[str, Any]], key: str) -> tuple[LossPoint, ...]:
     points = {}
     for entry in log_history:
@@ -195,6 +203,7 @@ def fit(
         activation_dtype=torch.bfloat16 if bf16 else torch.float32,
         device=device,
         available=recipe.run.memory_budget_bytes,
+        weights_bytes=_census_bytes(adapted),
     )
     check_preflight(
         est,

@@ -63,6 +63,7 @@ def estimate_memory(
     activation_dtype: torch.dtype,
     device: torch.device,
     available: int | None = None,
+    weights_bytes: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the memory a training run needs.
 
@@ -76,6 +77,8 @@ def estimate_memory(
         activation_dtype: dtype of activations (bf16 under autocast, else fp32).
         device: The device that will train.
         available: Free memory to assume; ``None`` asks the device.
+        weights_bytes: The weights' storage from ``LoadedModel.census()``;
+            ``None`` sums the model's parameters and buffers.
 
     Returns:
         The :class:`MemoryEstimate`.
@@ -90,7 +93,7 @@ def estimate_memory(
     a = torch.tensor([], dtype=activation_dtype).element_size()
 
     params = list(model.parameters())
-    weights = _storage_bytes(model)
+    weights = _storage_bytes(model) if weights_bytes is None else weights_bytes
     resident = all(p.device.type == device.type for p in params)
     trainable = 0
     for p in params:
