@@ -49,7 +49,8 @@ def test_fit_lowers_loss_and_reports(tmp_path: Path, layout: str) -> None:
         toy_adapted(), ToyCorpus()
     )
     assert res.steps == 6
-    assert [p.step for p in res.eval_loss] == [3, 6]
+    assert [p.step for p in res.eval_loss] == [0, 3, 6]
+    assert res.eval_loss[-1].loss < res.eval_loss[0].loss
     assert [p.step for p in res.train_loss] == list(range(1, 7))
     assert res.test_loss_after < res.test_loss_before
     assert res.perplexity_after == pytest.approx(math.exp(res.test_loss_after))

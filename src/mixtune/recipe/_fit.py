@@ -371,12 +371,18 @@ class _MixtuneTrainer(Trainer):
 
 
 class _EvalCallback(TrainerCallback):  # type: ignore[misc]
-    """Validation loss every ``every`` steps and at the last step, into the log history."""
+    """Validation loss at step 0, every ``every`` steps and at the last step, into the log history."""
 
     def __init__(self, run: Any, every: int, enabled: bool) -> None:
         self.run = run
         self.every = every
         self.enabled = enabled
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The curve starts at step 0 (the untrained adapter); a resumed run
+        # already carries it in the restored log history.
+        if self.enabled and int(state.global_step) == 0:
+            state.log_history.append({"eval_loss": self.run(), "step": 0})
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = int(state.global_step)
