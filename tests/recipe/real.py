@@ -64,10 +64,10 @@ def small_recipe(out: Path, **kw: Any) -> Recipe:
         "grad_accum": 1,
         "learning_rate": 1e-2,
         "warmup": 0.1,
-        "eval_steps": 6,
+        "eval_steps": 12,
         "save_steps": 6,
         "logging_steps": 2,
-        "eval_rows": 16,
+        "eval_rows": 8,
         "gradient_checkpointing": False,
         "run": RunSettings(output_dir=out, progress=False),
     }

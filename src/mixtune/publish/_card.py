@@ -124,9 +124,11 @@ def model_card(
         f"| Peak memory | {_fmt_bytes(result.peak_memory_bytes)} |",
     ]
     routing = []
-    for i, layer in enumerate(result.routing_load):
+    before_load = getattr(result, "routing_load_before", ()) or ((),) * len(result.routing_load)
+    for i, (layer, before) in enumerate(zip(result.routing_load, before_load)):
         share = " ".join(f"{x:.2f}" for x in layer)
-        routing.append(f"| {i} | {share} | {max(layer) * len(layer):.2f} |")
+        was = " ".join(f"{x:.2f}" for x in before)
+        routing.append(f"| {i} | {was} | {share} | {max(layer) * len(layer):.2f} |")
     recipe_rows = ["| Field | Value |", "|---|---|"] + [
         f"| {k} | {v} |" for k, v in recipe_fields.items()
     ]
@@ -153,8 +155,8 @@ def model_card(
     body = [
         f"# LoRA adapter for {base_model}",
         "",
-        "Trained with [mixtune](https://github.com/) (LoRA on attention and on each expert of "
-        "the Mixture-of-Experts layers). The adapter is in PEFT's format; "
+        "Trained with mixtune (LoRA on a Mixtral-style Mixture-of-Experts model, experts "
+        "included). The adapter is in PEFT's format; "
         + ("a merged bf16 model is in `merged/`." if merged else "no merged model was written."),
         "",
         "## Base model",
@@ -179,13 +181,14 @@ def model_card(
         "",
         *plot,
         "",
-        "### Expert routing load (test split, after training)",
+        "### Expert routing load (test split)",
         "",
-        "Fraction of routed token slots each expert received, per layer; the last column is "
-        "the busiest expert's share relative to a perfectly even split (1.00 = even).",
+        "Fraction of routed token slots each expert received, per layer, before and after "
+        "training; the last column is the busiest expert's share after training relative to "
+        "a perfectly even split (1.00 = even).",
         "",
-        "| Layer | Share per expert | Max / even |",
-        "|---|---|---|",
+        "| Layer | Before | After | Max / even |",
+        "|---|---|---|---|",
         *routing,
         "",
         "## Use",

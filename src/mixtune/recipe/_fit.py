@@ -306,6 +306,7 @@ def fit(
         test_loss_before=before.loss,
         test_loss_after=after.loss,
         routing_load=after.routing_load,
+        routing_load_before=before.routing_load,
         checkpoints=tuple(complete_checkpoints(run_dir)),
         resumed_from=start_from,
         steps=int(trainer.state.global_step),

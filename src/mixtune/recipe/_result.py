@@ -99,6 +99,7 @@ class FitResult:
         test_loss_after: Test-split loss after training.
         routing_load: Per layer, the fraction of routed token slots each
             expert received on the test split after training (each layer sums to 1).
+        routing_load_before: The same before training.
         checkpoints: Complete checkpoints written, oldest first.
         resumed_from: The checkpoint this run continued from, if any.
         steps: Optimizer steps done in total.
@@ -117,6 +118,7 @@ class FitResult:
     test_loss_before: float
     test_loss_after: float
     routing_load: tuple[tuple[float, ...], ...]
+    routing_load_before: tuple[tuple[float, ...], ...]
     checkpoints: tuple[Path, ...]
     resumed_from: Path | None
     steps: int
