@@ -201,6 +201,7 @@ def publish(
                 "train_loss": [[p.step, p.loss] for p in result.train_loss],
                 "eval_loss": [[p.step, p.loss] for p in result.eval_loss],
                 "routing_load": [list(layer) for layer in result.routing_load],
+                "routing_load_before": [list(layer) for layer in result.routing_load_before],
                 "steps": result.steps,
                 "tokens": result.tokens,
                 "tokens_per_s": result.tokens_per_s,
