@@ -32,7 +32,9 @@ from mixtune.tokenizers import mixtral_v1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--papers", type=Path, help="folder of .txt/.md/.pdf papers (MANIFEST.tsv optional)")
+    src.add_argument(
+        "--papers", type=Path, help="folder of .txt/.md/.pdf papers (MANIFEST.tsv optional)"
+    )
     src.add_argument("--dataset", help="Hugging Face dataset id with one document per row")
     p.add_argument("--text-column", default="text", help="text column of --dataset")
     p.add_argument("--model", default="mistralai/Mixtral-8x7B-v0.1", help="hub id or local folder")
@@ -71,13 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = mixtral_v1()
-        loaded = load_quantized(args.model, quant=QuantSpec.nf4(), device_map="cuda", tokenizer=tokenizer)
+        loaded = load_quantized(
+            args.model, quant=QuantSpec.nf4(), device_map="cuda", tokenizer=tokenizer
+        )
         print(loaded.census())
         if args.papers is not None:
-            corpus = ChunkedCorpus.from_folder(args.papers, tokenizer, max_length=args.max_length, seed=args.seed)
+            corpus = ChunkedCorpus.from_folder(
+                args.papers, tokenizer, max_length=args.max_length, seed=args.seed
+            )
         else:
             corpus = ChunkedCorpus.from_hub(
-                args.dataset, tokenizer, args.text_column, max_length=args.max_length, seed=args.seed
+                args.dataset,
+                tokenizer,
+                args.text_column,
+                max_length=args.max_length,
+                seed=args.seed,
             )
         print(corpus.describe())
         recipe = Recipe.guide_qlora(
@@ -106,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except MixtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"published to {published.dest}" + (f" and {published.repo_url}" if published.repo_url else ""))
+    print(
+        f"published to {published.dest}"
+        + (f" and {published.repo_url}" if published.repo_url else "")
+    )
     return 0
 
 

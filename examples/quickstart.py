@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Load it with 4-bit experts and attention (fp32 compute: CPUs have no fast bf16).
     tokenizer = mixtral_v1()
     loaded = load_quantized(
-        base, quant=QuantSpec.nf4(compute_dtype=torch.float32), dtype=torch.float32, tokenizer=tokenizer
+        base,
+        quant=QuantSpec.nf4(compute_dtype=torch.float32),
+        dtype=torch.float32,
+        tokenizer=tokenizer,
     )
     print(f"loaded {base.name}: {loaded.census().total_bytes / 2**20:.1f} MiB of weights")
 
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = recipe.fit(loaded, corpus, adapter)
     print(result.summary())
-    for i, (before, after) in enumerate(zip(result.routing_load_before, result.routing_load)):
+    for i, (before, after) in enumerate(
+        zip(result.routing_load_before, result.routing_load, strict=False)
+    ):
         print(
             f"layer {i} expert load before: {' '.join(f'{x:.2f}' for x in before)}"
             f"  after: {' '.join(f'{x:.2f}' for x in after)}"

@@ -223,7 +223,9 @@ def recipes(draw: st.DrawFn) -> object:
     run = RunSettings(
         output_dir=draw(st.sampled_from(["runs/a", "/tmp/b c", "ü/ñ"])),
         device=draw(st.sampled_from(["auto", "cpu", "cuda"])),
-        report_to=draw(st.lists(st.sampled_from(["tensorboard", "wandb"]), unique=True, max_size=2)),
+        report_to=draw(
+            st.lists(st.sampled_from(["tensorboard", "wandb"]), unique=True, max_size=2)
+        ),
         progress=draw(st.booleans()),
         save_total_limit=draw(st.none() | st.integers(1, 10)),
         memory_budget_bytes=draw(st.none() | st.integers(0, 2**40)),

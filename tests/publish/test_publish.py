@@ -96,7 +96,8 @@ def test_card_says_why_there_is_no_plot(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now fails
     out = publish(lora_result, tmp_path / "pub")
-    assert out.plot_note is not None and "mixtune[plots]" in out.plot_note
+    assert out.plot_note is not None
+    assert "mixtune[plots]" in out.plot_note
     assert "loss_curve.png" not in out.files
     assert "No loss-curve plot" in (tmp_path / "pub" / "README.md").read_text()
 
@@ -116,7 +117,8 @@ def test_non_empty_dest_is_refused_unless_overwrite(lora_result: Any, tmp_path: 
 def test_merged_model_matches_adapter_model(qlora_result: Any, tmp_path: Path) -> None:
     out = publish(qlora_result, tmp_path / "pub", merge=True)
     assert out.merged_dir == tmp_path / "pub" / "merged"
-    assert out.merge_error is not None and out.merge_error <= MERGE_TOLERANCE
+    assert out.merge_error is not None
+    assert out.merge_error <= MERGE_TOLERANCE
     merged_dir = tmp_path / "pub" / "merged"
     assert (merged_dir / "config.json").is_file()
     names: set[str] = set()
@@ -176,7 +178,8 @@ def test_hub_upload_goes_through_huggingface_hub(
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1]["private"] is True
     assert calls[0][1]["repo_id"] == calls[1][1]["repo_id"] == "me/tiny"
-    assert "token" not in calls[0][1] and "token" not in calls[1][1]
+    assert "token" not in calls[0][1]
+    assert "token" not in calls[1][1]
     for f in (tmp_path / "pub").rglob("*"):
         if f.is_file():
             assert b"hf_secret_token_value" not in f.read_bytes()

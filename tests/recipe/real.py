@@ -45,7 +45,9 @@ def tiny_config() -> MixtralConfig:
 
 @functools.cache
 def checkpoint() -> Path:
-    return random_checkpoint(tiny_config(), _ROOT / "base", layout="original", seed=0, dtype=torch.float32)
+    return random_checkpoint(
+        tiny_config(), _ROOT / "base", layout="original", seed=0, dtype=torch.float32
+    )
 
 
 @functools.cache

@@ -16,8 +16,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from mixtune.errors import CheckpointError, ConfigError, NonFiniteLossError, PreflightError
-from mixtune.recipe import Recipe, RunSettings, complete_checkpoints, last_complete_checkpoint
-from mixtune.recipe import _checkpoint
+from mixtune.recipe import (
+    Recipe,
+    RunSettings,
+    _checkpoint,
+    complete_checkpoints,
+    last_complete_checkpoint,
+)
 from tests.recipe.recipes import resume_recipe
 from tests.recipe.toy import ToyCorpus, toy_adapted
 
@@ -145,7 +150,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path)
     assert info.value.step == 4
     assert "checkpoint-2" in str(info.value)
     last = last_complete_checkpoint(tmp_path / "run")
-    assert last is not None and last.name == "checkpoint-2"
+    assert last is not None
+    assert last.name == "checkpoint-2"
     for v in load_file(str(last / "adapter.safetensors")).values():
         assert torch.isfinite(v).all()
 

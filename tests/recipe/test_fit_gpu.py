@@ -66,5 +66,6 @@ def test_qlora_30_steps_on_8x7b_width_slice(
     for layer in result.routing_load:
         assert sum(layer) == pytest.approx(1.0)
     out = publish(result, tmp_path / "published", merge=True)
-    assert out.merge_error is not None and out.merge_error <= MERGE_TOLERANCE
+    assert out.merge_error is not None
+    assert out.merge_error <= MERGE_TOLERANCE
     print(f"merged vs adapter logits: relative RMS {out.merge_error:.4f}")

@@ -12,7 +12,9 @@ from tests.recipe import real
 
 
 @pytest.mark.slow
-def test_qlora_fit_on_the_sample_lowers_eval_loss(mixtral_tokenizer: Any, arxiv_sample: Path) -> None:
+def test_qlora_fit_on_the_sample_lowers_eval_loss(
+    mixtral_tokenizer: Any, arxiv_sample: Path
+) -> None:
     res = real.qlora_fit(mixtral_tokenizer, arxiv_sample)
     assert res.steps == 12
     assert [p.step for p in res.eval_loss] == [0, 12]

@@ -45,7 +45,14 @@ def test_all_problems_reported_at_once() -> None:
     problems = info.value.problems
     assert len(problems) == 6
     text = "\n".join(problems)
-    for field in ("batch_size", "learning_rate", "scheduler", "warmup", "max_grad_norm", "eval_rows"):
+    for field in (
+        "batch_size",
+        "learning_rate",
+        "scheduler",
+        "warmup",
+        "max_grad_norm",
+        "eval_rows",
+    ):
         assert field in text
 
 

@@ -33,9 +33,7 @@ class ToyAdapted:
         self.model = model
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" in n
-        }
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" in n}
 
     def load_lora_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())

@@ -28,7 +28,9 @@ def loss_curve_png(result: Any, path: Path) -> str | None:
         return 'matplotlib is not installed (`pip install "mixtune[plots]"` adds it)'
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if result.train_loss:
-        ax.plot([p.step for p in result.train_loss], [p.loss for p in result.train_loss], label="train")
+        ax.plot(
+            [p.step for p in result.train_loss], [p.loss for p in result.train_loss], label="train"
+        )
     if result.eval_loss:
         ax.plot(
             [p.step for p in result.eval_loss],
@@ -95,7 +97,7 @@ def model_card(
     Returns:
         Markdown with a YAML header the Hugging Face Hub reads.
     """
-    licenses = {}
+    licenses: dict[str, int] = {}
     prov_getter = getattr(result.corpus, "provenance", None)
     if callable(prov_getter):
         licenses = getattr(prov_getter(), "licenses", {}) or {}
@@ -125,7 +127,7 @@ def model_card(
     ]
     routing = []
     before_load = getattr(result, "routing_load_before", ()) or ((),) * len(result.routing_load)
-    for i, (layer, before) in enumerate(zip(result.routing_load, before_load)):
+    for i, (layer, before) in enumerate(zip(result.routing_load, before_load, strict=False)):
         share = " ".join(f"{x:.2f}" for x in layer)
         was = " ".join(f"{x:.2f}" for x in before)
         routing.append(f"| {i} | {was} | {share} | {max(layer) * len(layer):.2f} |")

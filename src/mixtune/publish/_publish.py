@@ -80,7 +80,8 @@ def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
     finally:
         model.train(was)
     mask = inputs["attention_mask"].bool()
-    return out.logits.float().cpu()[mask]
+    logits: torch.Tensor = out.logits.float().cpu()
+    return logits[mask]
 
 
 def _write_merged(result: Any, folder: Path) -> float:
@@ -108,7 +109,9 @@ def _write_merged(result: Any, folder: Path) -> float:
     merged.to(device)
     got = _logits(merged, inputs)
     del merged
-    err = float((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12))
+    err = float(
+        (got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12)
+    )
     if not math.isfinite(err) or err > MERGE_TOLERANCE:
         raise PublishError(
             f"the merged bf16 model's logits differ from the adapter model's by {err:.4f} "
@@ -139,7 +142,7 @@ def publish(
     place, so ``dest`` is never left half-written.
 
     Args:
-        result: The ``FitResult`` of :meth:`Recipe.fit`.
+        result: The ``FitResult`` of :meth:`mixtune.recipe.Recipe.fit`.
         dest: The folder to create.
         merge: Also write ``merged/``: the base weights dequantized to bf16 with
             the LoRA update added, in the hub's original Mixtral layout with

@@ -146,7 +146,8 @@ def spec_from_dict(data: dict[str, Any]) -> Any:
             data names an unknown or non-mixtune type, or the spec's own
             validation fails.
     """
-    version = data.get("schema_version") if isinstance(data, dict) else None
+    raw: object = data
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise ConfigError(
             f"spec JSON has schema_version={version!r}; this mixtune reads version "

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual alias
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["EvalStats", "evaluate"]

@@ -92,7 +92,8 @@ def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
 
 def _is_quantized(model: nn.Module) -> bool:
     return any(
-        getattr(m, "is_quantized", False) is True or type(m).__name__ in ("Linear4bit", "Params4bit")
+        getattr(m, "is_quantized", False) is True
+        or type(m).__name__ in ("Linear4bit", "Params4bit")
         for m in model.modules()
     )
 
@@ -125,7 +126,11 @@ def _checkpointing_args(arguments_cls: type, enabled: bool) -> dict[str, Any]:
     # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing
     # (the old name warns); 5.17 knows only the old one.
     fields = getattr(arguments_cls, "__dataclass_fields__", {})
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
     # Non-reentrant: works with frozen inputs and keyword arguments, and is
     # the variant PyTorch recommends.
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
@@ -181,7 +186,7 @@ def fit(
     start_from = last_complete_checkpoint(run_dir) if resume else None
 
     adapted = _resolve_adapted(model, adapter, recipe.seed)
-    hf_model: nn.Module = adapted.model
+    hf_model: Any = adapted.model
     if not any(p.requires_grad for p in hf_model.parameters()):
         raise TrainingError("the adapted model has no trainable parameters; check the AdapterSpec")
 
@@ -212,7 +217,7 @@ def fit(
         quantized=_is_quantized(hf_model),
     )
 
-    cfg = hf_model.config  # type: ignore[union-attr]
+    cfg: Any = hf_model.config
     saved_cfg = (cfg.use_cache, getattr(cfg, "output_router_logits", False))
     saved_coef = getattr(hf_model, "router_aux_loss_coef", None)
     model_device = next(hf_model.parameters()).device
@@ -276,7 +281,9 @@ def fit(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(
-        _EvalCallback(lambda: run_eval("validation").loss, recipe.eval_steps, len(datasets["validation"]) > 0)
+        _EvalCallback(
+            lambda: run_eval("validation").loss, recipe.eval_steps, len(datasets["validation"]) > 0
+        )
     )
     trainer.add_callback(_ProgressBar(trainer, recipe.run.progress))
 
@@ -334,13 +341,17 @@ class _MixtuneTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
         mask = inputs.get("attention_mask")
-        self.mixtune_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        self.mixtune_tokens += (
+            int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        )
         loss = super().training_step(model, inputs, num_items_in_batch)
         value = float(loss.detach())
         if not math.isfinite(value):
             step = int(self.state.global_step) + 1
-            last = last_complete_checkpoint(Path(self.args.output_dir))
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            last = last_complete_checkpoint(Path(str(self.args.output_dir)))
+            kept = (
+                f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            )
             raise NonFiniteLossError(
                 f"the training loss became {value} at step {step}; {kept}. Lower the "
                 "learning_rate, keep max_grad_norm > 0, or check the data and the adapter's init",
@@ -350,7 +361,7 @@ class _MixtuneTrainer(Trainer):
         return loss
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        run_dir = Path(self.args.output_dir)
+        run_dir = Path(str(self.args.output_dir))
 
         def write_rest(folder: Path) -> None:
             self._save_optimizer_and_scheduler(str(folder))
@@ -367,11 +378,15 @@ class _MixtuneTrainer(Trainer):
         )
         prune_checkpoints(run_dir, self.mixtune_keep)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        self.mixtune_adapted.load_lora_state_dict(load_adapter_weights(Path(resume_from_checkpoint)))
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        self.mixtune_adapted.load_lora_state_dict(
+            load_adapter_weights(Path(resume_from_checkpoint))
+        )
 
 
-class _EvalCallback(TrainerCallback):  # type: ignore[misc]
+class _EvalCallback(TrainerCallback):
     """Validation loss at step 0, every ``every`` steps and at the last step, into the log history."""
 
     def __init__(self, run: Any, every: int, enabled: bool) -> None:
@@ -392,7 +407,7 @@ class _EvalCallback(TrainerCallback):  # type: ignore[misc]
             state.log_history.append({"eval_loss": self.run(), "step": step})
 
 
-class _ProgressBar(TrainerCallback):  # type: ignore[misc]
+class _ProgressBar(TrainerCallback):
     """A tqdm bar with the step's loss, tokens/s and (tqdm's) ETA."""
 
     def __init__(self, trainer: _MixtuneTrainer, enabled: bool) -> None:
@@ -421,7 +436,9 @@ class _ProgressBar(TrainerCallback):  # type: ignore[misc]
         self.trainer.mixtune_step_loss = 0.0
         if self.bar is None:
             return
-        rate = (self.trainer.mixtune_tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+        rate = (self.trainer.mixtune_tokens - self.tokens0) / max(
+            time.perf_counter() - self.t0, 1e-9
+        )
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         self.bar.update(int(state.global_step) - self.bar.n)
 

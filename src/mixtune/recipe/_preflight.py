@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,7 @@ def estimate_memory(
     Returns:
         The :class:`MemoryEstimate`.
     """
-    cfg = model.config  # type: ignore[union-attr]
+    cfg: Any = model.config
     hidden = int(cfg.hidden_size)
     inter = int(getattr(cfg, "intermediate_size", 4 * hidden))
     layers = int(cfg.num_hidden_layers)
@@ -152,7 +153,7 @@ def check_preflight(
     if not gradient_checkpointing:
         advice.append("gradient_checkpointing=True (recomputes activations in backward)")
     if not quantized:
-        advice.append('4-bit weights: load_quantized(..., quant=QuantSpec.nf4())')
+        advice.append("4-bit weights: load_quantized(..., quant=QuantSpec.nf4())")
     advice.append("a shorter max_length for the corpus")
     raise PreflightError(
         "the run would not fit in memory (estimate before the first step):\n"

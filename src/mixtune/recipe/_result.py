@@ -146,7 +146,7 @@ class FitResult:
         """A short human-readable report.
 
         Returns:
-            A few lines: perplexities, speed, memory, checkpoints.
+            Three lines with speed and memory, perplexities, and checkpoints.
         """
         last_eval = f"{self.eval_loss[-1].loss:.4f}" if self.eval_loss else "n/a"
         return "\n".join(

@@ -11,18 +11,10 @@ import attrs
 from mixtune.errors import ConfigError
 
 if TYPE_CHECKING:
-    from transformers import TrainerCallback
-
     from mixtune.recipe._result import FitResult
 
 __all__ = ["Recipe", "RunSettings"]
 
-Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
-Optimizer = Literal["auto", "paged_adamw_8bit", "adamw_torch"]
-Precision = Literal["auto", "bf16", "fp32"]
-Layout = Literal["padded", "packed"]
-Device = Literal["auto", "cpu", "cuda"]
-Backend = Literal["tensorboard", "wandb"]
 
 _SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 _OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_torch")
@@ -61,14 +53,14 @@ class RunSettings:
     """
 
     output_dir: Path = attrs.field(default=Path("mixtune-run"), converter=Path)
-    device: Device = "auto"
-    report_to: tuple[Backend, ...] = attrs.field(default=(), converter=_tuple_of_str)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = attrs.field(
+        default=(), converter=_tuple_of_str
+    )
     progress: bool = True
     save_total_limit: int | None = None
     memory_budget_bytes: int | None = None
-    callbacks: tuple[TrainerCallback, ...] = attrs.field(
-        default=(), converter=tuple, eq=False, repr=False
-    )
+    callbacks: tuple[Any, ...] = attrs.field(default=(), converter=tuple, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -134,13 +126,13 @@ class Recipe:
     grad_accum: int = 4
     learning_rate: float = 2e-4
     warmup: float = 0.03
-    scheduler: Scheduler = "cosine"
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
-    optimizer: Optimizer = "auto"
-    precision: Precision = "auto"
+    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
-    layout: Layout = "packed"
+    layout: Literal["padded", "packed"] = "packed"
     router_aux_loss_coef: float = 0.02
     eval_steps: int = 50
     save_steps: int = 50
@@ -182,17 +174,19 @@ class Recipe:
             self.learning_rate > 1.0
         ):
             p.append(f"learning_rate={self.learning_rate}: above 1 is surely a typo (try 2e-4)")
-        if finite("warmup", self.warmup, lo=0.0) and self.warmup >= 1 and self.warmup != int(
-            self.warmup
+        if (
+            finite("warmup", self.warmup, lo=0.0)
+            and self.warmup >= 1
+            and self.warmup != int(self.warmup)
         ):
-            p.append(
-                f"warmup={self.warmup}: use a fraction in [0, 1) or a whole number of steps"
-            )
+            p.append(f"warmup={self.warmup}: use a fraction in [0, 1) or a whole number of steps")
         finite("weight_decay", self.weight_decay, lo=0.0)
         finite("max_grad_norm", self.max_grad_norm, lo=0.0)
         finite("router_aux_loss_coef", self.router_aux_loss_coef, lo=0.0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            p.append(f"seed={self.seed!r}: use a whole number >= 0")
+        # Typed fields can still receive anything at runtime; check as objects.
+        seed: object = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            p.append(f"seed={seed!r}: use a whole number >= 0")
         for name, value, allowed in (
             ("scheduler", self.scheduler, _SCHEDULERS),
             ("optimizer", self.optimizer, _OPTIMIZERS),
@@ -201,10 +195,12 @@ class Recipe:
         ):
             if value not in allowed:
                 p.append(f"{name}={value!r}: use one of {', '.join(allowed)}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            p.append(f"gradient_checkpointing={self.gradient_checkpointing!r}: use True or False")
-        if not isinstance(self.run, RunSettings):
-            p.append(f"run={self.run!r}: use a mixtune.recipe.RunSettings")
+        checkpointing: object = self.gradient_checkpointing
+        if not isinstance(checkpointing, bool):
+            p.append(f"gradient_checkpointing={checkpointing!r}: use True or False")
+        run: object = self.run
+        if not isinstance(run, RunSettings):
+            p.append(f"run={run!r}: use a mixtune.recipe.RunSettings")
         return p
 
     # -- named constructors ---------------------------------------------------------------
