@@ -48,11 +48,38 @@ def _recipe(tmp_path: Path, **kw: object) -> Recipe:
     return Recipe(**base)  # type: ignore[arg-type]
 
 
+class _Spy(TrainerCallback):
+    """Records the model settings in force while training, and the forward's inputs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.settings: list[tuple[object, ...]] = []
+        self.input_keys: set[str] = set()
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):  # type: ignore[no-untyped-def]
+        if module.training:
+            self.input_keys |= set(kwargs)
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        cfg = self.model.config
+        self.settings.append(
+            (cfg.use_cache, cfg.output_router_logits, self.model.router_aux_loss_coef)
+        )
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_fit_lowers_loss_and_reports(tmp_path: Path, layout: str) -> None:
-    res = _recipe(tmp_path, layout=layout, gradient_checkpointing=layout == "packed").fit(
-        toy_adapted(), ToyCorpus()
+    adapted = toy_adapted()
+    spy = _Spy(adapted.model)
+    run = RunSettings(output_dir=tmp_path / "run", progress=False, callbacks=(spy,))
+    res = _recipe(tmp_path, layout=layout, gradient_checkpointing=layout == "packed", run=run).fit(
+        adapted, ToyCorpus()
     )
+    # While training: no KV cache, router logits on for Mixtral's aux loss (0.02).
+    assert spy.settings == [(False, True, 0.02)] * 6
+    assert ("position_ids" in spy.input_keys) == (layout == "packed")
+    assert {"input_ids", "attention_mask", "labels"} <= spy.input_keys
     assert res.steps == 6
     assert [p.step for p in res.eval_loss] == [0, 3, 6]
     assert res.eval_loss[-1].loss < res.eval_loss[0].loss
