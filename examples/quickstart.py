@@ -42,11 +42,16 @@ def default_corpus() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "corpus_path", nargs="?", type=Path, help="folder of papers (same as --corpus)"
+    )
     parser.add_argument("--corpus", type=Path, default=default_corpus(), help="folder of papers")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where to publish")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per row")
     args = parser.parse_args(argv)
+    if args.corpus_path is not None:
+        args.corpus = args.corpus_path
     if not args.corpus.is_dir():
         print(
             f"no corpus at {args.corpus}; pass --corpus or set MIXTUNE_SAMPLE_CORPUS",
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. The papers, split by document (no leaks), packed into 256-token rows.
     corpus = ChunkedCorpus.from_folder(args.corpus, tokenizer, max_length=args.max_length)
+    print(corpus.describe())
 
     # 4. QLoRA on attention, every expert and the output head. The head
     #    matters here: a random model can only learn the papers' token

@@ -7,6 +7,13 @@ The pipeline, one import each::
 
 from __future__ import annotations
 
+from mixtune.corpus import (
+    ChunkedCorpus,
+    CorpusDescription,
+    CorpusSpec,
+    Document,
+    Provenance,
+)
 from mixtune.errors import (
     AdapterError,
     CheckpointError,
@@ -33,14 +40,19 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdapterError",
     "CheckpointError",
+    "ChunkedCorpus",
     "ConfigError",
+    "CorpusDescription",
     "CorpusError",
+    "CorpusSpec",
+    "Document",
     "DocumentError",
     "MixtuneError",
     "ModelLoadError",
     "NonFiniteLossError",
     "OfflineError",
     "PreflightError",
+    "Provenance",
     "PublishError",
     "QuantizationUnavailableError",
     "SplitError",

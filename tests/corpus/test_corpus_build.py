@@ -269,3 +269,39 @@ def test_short_rows_pack_densely_and_padding_does_not() -> None:
     padded = padded_rows(chunks, 1200, 2)
     assert real / packed["input_ids"].size >= 0.95
     assert real / padded["input_ids"].size < 0.1
+
+
+def test_packed_rows_keep_chunks_apart_in_a_mixtral_model(word_tokenizer) -> None:
+    """The documented call (position_ids, no attention_mask, use_cache=False) isolates chunks."""
+    torch = pytest.importorskip("torch")
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    docs = [Document(f"d{i}", "the a of to and in is it. " * (i + 1)) for i in range(4)]
+    corpus = ChunkedCorpus.from_documents(
+        docs, word_tokenizer, max_length=24, fractions=(1, 0, 0), progress=False
+    )
+    rows = corpus.rows("train", "packed")
+    assert any(len(lens) > 1 for lens in rows["seq_lens"])
+    with torch.no_grad():
+        for r, lens in enumerate(rows["seq_lens"]):
+            ids = torch.tensor(rows["input_ids"][r : r + 1])
+            pos = torch.tensor(rows["position_ids"][r : r + 1])
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+            at = 0
+            for k in lens:
+                alone = model(input_ids=ids[:, at : at + k], use_cache=False).logits[0]
+                torch.testing.assert_close(packed[at : at + k], alone, rtol=1e-4, atol=1e-5)
+                at += k

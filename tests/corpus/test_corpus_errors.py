@@ -308,3 +308,62 @@ def test_from_hub_missing_column(tmp_path: Path, word_tokenizer) -> None:
             max_length=64,
             progress=False,
         )
+
+
+def test_slow_tokenizer(word_tokenizer) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    class Slow(PreTrainedTokenizerFast):  # stands for a Python tokenizer without offsets
+        @property
+        def is_fast(self) -> bool:
+            return False
+
+    slow = Slow(tokenizer_object=word_tokenizer.backend_tokenizer, eos_token="[EOS]")
+    with pytest.raises(TokenizerError, match=r"Slow is a slow \(Python\) tokenizer.*use_fast=True"):
+        ChunkedCorpus.from_documents(_docs(3), slow, max_length=64)
+
+
+def test_links_and_folders_named_like_documents_are_not_documents(
+    make_folder, word_tokenizer
+) -> None:
+    root = make_folder({"ok.txt": GOOD})
+    (root / "dangling.txt").symlink_to(root / "missing-target.txt")
+    (root / "dir.md").mkdir()
+    corpus = ChunkedCorpus.from_folder(
+        root, word_tokenizer, max_length=64, fractions=(1, 0, 0), progress=False
+    )
+    assert [d.id for d in corpus.documents] == ["ok.txt"]
+
+
+def test_unreadable_file_is_named(
+    make_folder, word_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_folder({"ok.txt": GOOD, "locked.txt": GOOD + "locked"})
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DocumentError, match=r"locked\.txt: cannot be read \(Permission denied\)"):
+        ChunkedCorpus.from_folder(root, word_tokenizer, max_length=64, fractions=(1, 0, 0))
+
+
+def test_from_hub_row_without_text(tmp_path: Path, word_tokenizer) -> None:
+    rows = '{"text": "Experts route tokens."}\n{"text": null}\n'
+    (tmp_path / "rows.jsonl").write_text(rows, encoding="utf-8")
+    kwargs = {
+        "data_files": str(tmp_path / "rows.jsonl"),
+        "cache_dir": str(tmp_path / "cache"),
+        "max_length": 64,
+        "fractions": (1, 0, 0),
+        "progress": False,
+    }
+    with pytest.raises(DocumentError, match=r"row 'train/1': column 'text' holds NoneType") as info:
+        ChunkedCorpus.from_hub("json", word_tokenizer, **kwargs)
+    assert info.value.path == "train/1"
+    corpus = ChunkedCorpus.from_hub("json", word_tokenizer, errors="skip", **kwargs)
+    assert [d.id for d in corpus.documents] == ["train/0"]
+    assert [s.id for s in corpus.describe().skipped] == ["train/1"]

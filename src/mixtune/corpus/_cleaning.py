@@ -56,6 +56,7 @@ def clean_text(text: str) -> str:
         The cleaned text (possibly empty).
 
     Example:
+        >>> from mixtune.corpus import clean_text
         >>> clean_text("a\\u00a0b  \\r\\n\\r\\n\\r\\n\\x00c\\n")
         'a b\\n\\nc'
     """

@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import numpy as np
@@ -16,9 +16,9 @@ import numpy.typing as npt
 from mixtune.corpus._chunking import cut_windows
 from mixtune.corpus._cleaning import clean_text
 from mixtune.corpus._describe import CorpusDescription, Provenance, Source, SplitStats
-from mixtune.corpus._documents import Document, Errors, SkippedDocument, read_folder
-from mixtune.corpus._layouts import Layout, pack_lengths, packed_rows, padded_rows
-from mixtune.corpus._splitting import SPLITS, Split, assign_split, check_splits
+from mixtune.corpus._documents import Document, SkippedDocument, read_folder
+from mixtune.corpus._layouts import pack_lengths, packed_rows, padded_rows
+from mixtune.corpus._splitting import SPLITS, assign_split, check_splits
 from mixtune.errors import ConfigError, CorpusError, DocumentError, OfflineError, TokenizerError
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ class CorpusSpec:
         ConfigError: Listing every invalid field at once.
 
     Example:
+        >>> from mixtune.corpus import CorpusSpec
         >>> CorpusSpec(max_length=512, overlap=64).fractions
         (0.8, 0.1, 0.1)
     """
@@ -160,7 +161,7 @@ class Chunk:
     """
 
     doc_id: str
-    split: Split
+    split: Literal["train", "validation", "test"]
     index: int
     token_start: int
     token_end: int
@@ -292,7 +293,9 @@ class ChunkedCorpus:
     license_files: tuple[str, ...] = attrs.field(repr=False)
     prefix_ids: tuple[int, ...] = attrs.field(repr=False)
     eos_id: int | None = attrs.field(repr=False)
-    assignment: Mapping[str, Split] = attrs.field(repr=False, eq=False)
+    assignment: Mapping[str, Literal["train", "validation", "test"]] = attrs.field(
+        repr=False, eq=False
+    )
     all_chunks: tuple[Chunk, ...] = attrs.field(repr=False, eq=False)
 
     # ------------------------------------------------------------------ build
@@ -308,7 +311,7 @@ class ChunkedCorpus:
         fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         seed: int = 0,
         slack: float = 0.1,
-        errors: Errors = "raise",
+        errors: Literal["raise", "skip"] = "raise",
         progress: bool = True,
     ) -> ChunkedCorpus:
         """Build a corpus from the ``.txt``, ``.md``, ``.tex`` and ``.pdf`` files of a folder.
@@ -367,7 +370,7 @@ class ChunkedCorpus:
         fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         seed: int = 0,
         slack: float = 0.1,
-        errors: Errors = "raise",
+        errors: Literal["raise", "skip"] = "raise",
         progress: bool = True,
     ) -> ChunkedCorpus:
         """Build a corpus from texts or :class:`Document` objects.
@@ -438,7 +441,7 @@ class ChunkedCorpus:
         fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         seed: int = 0,
         slack: float = 0.1,
-        errors: Errors = "raise",
+        errors: Literal["raise", "skip"] = "raise",
         progress: bool = True,
         **load_kwargs: Any,
     ) -> ChunkedCorpus:
@@ -661,6 +664,8 @@ class ChunkedCorpus:
                         parts = [prefix_arr, body[w.token_start : w.token_end]]
                         if last:
                             parts.append(eos_arr)
+                        ids_arr = np.concatenate(parts)
+                        ids_arr.setflags(write=False)  # chunks are immutable like the corpus
                         chunks.append(
                             Chunk(
                                 doc.id,
@@ -670,7 +675,7 @@ class ChunkedCorpus:
                                 w.token_end,
                                 w.char_start,
                                 w.char_end,
-                                np.concatenate(parts),
+                                ids_arr,
                             )
                         )
                 bar.update(len(batch))
@@ -713,7 +718,9 @@ class ChunkedCorpus:
 
     @property
     def pad_id(self) -> int:
-        """Id on padding: ``tokenizer.pad_token_id`` if set, else the EOS id.
+        """The id written on padding positions (``pad_token_id``, else EOS).
+
+        That is ``tokenizer.pad_token_id`` if set, else the EOS id.
 
         Raises:
             TokenizerError: The tokenizer has neither a pad nor an EOS token.
@@ -728,7 +735,7 @@ class ChunkedCorpus:
             "set tokenizer.pad_token"
         )
 
-    def split_of(self, doc_id: str) -> Split:
+    def split_of(self, doc_id: str) -> Literal["train", "validation", "test"]:
         """The split a document of this corpus belongs to.
 
         Args:
@@ -765,7 +772,9 @@ class ChunkedCorpus:
                 return doc
         raise CorpusError(f"no document {doc_id!r} in this corpus; see .documents for their ids")
 
-    def chunks(self, split: Split | None = None) -> tuple[Chunk, ...]:
+    def chunks(
+        self, split: Literal["train", "validation", "test"] | None = None
+    ) -> tuple[Chunk, ...]:
         """The chunks of one split (or all), in document order.
 
         Args:
@@ -789,7 +798,11 @@ class ChunkedCorpus:
 
     # ----------------------------------------------------------------- output
 
-    def rows(self, split: Split, layout: Layout = "padded") -> dict[str, Any]:
+    def rows(
+        self,
+        split: Literal["train", "validation", "test"],
+        layout: Literal["padded", "packed"] = "padded",
+    ) -> dict[str, Any]:
         """The rows of one split as NumPy arrays (what :meth:`to_datasets` stores).
 
         Args:
@@ -812,7 +825,7 @@ class ChunkedCorpus:
             return packed_rows(ids, self.max_length, self.pad_id, seed=self.seed)
         raise CorpusError(f"unknown layout {layout!r}; use 'padded' or 'packed'")
 
-    def to_datasets(self, layout: Layout = "padded") -> datasets.DatasetDict:
+    def to_datasets(self, layout: Literal["padded", "packed"] = "padded") -> datasets.DatasetDict:
         """The rows as a :class:`datasets.DatasetDict` with ``train``/``validation``/``test``.
 
         ``padded``: one row per chunk, padded to ``max_length`` with

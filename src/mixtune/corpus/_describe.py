@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from typing import Literal
 
 import attrs
 
 from mixtune.corpus._documents import Document, SkippedDocument
-from mixtune.corpus._splitting import Split
 
 __all__ = ["CorpusDescription", "Provenance", "Source", "SplitStats"]
 
@@ -30,7 +30,7 @@ class SplitStats:
         max_length: Row length of both layouts.
     """
 
-    split: Split
+    split: Literal["train", "validation", "test"]
     documents: int
     chunks: int
     tokens: int

@@ -57,6 +57,7 @@ class Document:
             ``MANIFEST.tsv`` beside the files.
 
     Example:
+        >>> from mixtune.corpus import Document
         >>> Document("notes/a.txt", "Hello.", {"license": "CC0-1.0"}).license
         'CC0-1.0'
     """
@@ -166,7 +167,14 @@ def _read_pdf(path: Path) -> str:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(
+            f"{path}: cannot be read ({exc.strerror or exc}); fix its permissions, remove it, "
+            'or pass errors="skip"',
+            path=str(path),
+        ) from exc
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -53,6 +53,7 @@ def assign_split(doc_id: str, fractions: tuple[float, float, float], seed: int) 
         ``"train"``, ``"validation"`` or ``"test"``.
 
     Example:
+        >>> from mixtune.corpus import assign_split
         >>> assign_split("paper.txt", (1.0, 0.0, 0.0), seed=0)
         'train'
     """
