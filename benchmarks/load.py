@@ -76,11 +76,22 @@ def _extrapolate(per_layer: float, rest: float, layers: int = FULL_LAYERS) -> fl
     return rest + per_layer * layers
 
 
+def _warm_imports(device: str) -> None:
+    """Import what both paths import lazily and start CUDA, so load_seconds is the load alone."""
+    import bitsandbytes  # noqa: F401
+    import torch
+    from transformers import BitsAndBytesConfig, MixtralForCausalLM  # noqa: F401
+
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)
+
+
 def worker_mixtune(path: Path, device: str, layers: int) -> dict[str, Any]:
     import torch
 
     from mixtune.model import QuantSpec, load_quantized
 
+    _warm_imports(device)
     _reset_gpu(device)
     start = time.perf_counter()
     loaded = load_quantized(path, quant=QuantSpec.nf4(), device_map=device, progress=False)
@@ -103,6 +114,7 @@ def worker_mixtune(path: Path, device: str, layers: int) -> dict[str, Any]:
         "peak_gpu_bytes": _gpu_peak(device),
         "peak_rss_bytes": _peak_rss(),
         "load_seconds": seconds,
+        "note": "load_seconds excludes imports and CUDA start-up",
         "logits_finite": finite,
         "table": census.table(),
     }
@@ -112,6 +124,7 @@ def worker_stock(path: Path, device: str, layers: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    _warm_imports(device)
     _reset_gpu(device)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
@@ -157,7 +170,7 @@ def worker_stock(path: Path, device: str, layers: int) -> dict[str, Any]:
         "peak_gpu_bytes": _gpu_peak(device),
         "peak_rss_bytes": _peak_rss(),
         "load_seconds": seconds,
-        "note": "bitsandbytes quantization state (absmax) is not a parameter/buffer and is not counted",
+        "note": "load_seconds excludes imports and CUDA start-up; bitsandbytes quantization state (absmax) is not a parameter/buffer and is not counted",
     }
 
 

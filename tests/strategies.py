@@ -208,6 +208,40 @@ def chunk_settings(draw: st.DrawFn, *, specials: int = 2) -> tuple[int, int]:
 # --------------------------------------------------------------- end corpus
 
 
+# ---------------------------------------------------------------------------
+# adapter (owner: adapter)
+# ---------------------------------------------------------------------------
+
+adapter_target_names = st.sampled_from(
+    [
+        "attention",
+        "experts",
+        "mlp",
+        "router",
+        "lm_head",
+        "all-linear",
+        "w1",
+        "w2",
+        "w3",
+        "gate",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "expert_gate",
+        "expert_up",
+        "expert_down",
+    ]
+)
+"""One valid adapter target: a preset, an old name or a canonical name."""
+
+adapter_target_lists = st.lists(adapter_target_names, min_size=1, max_size=8)
+"""Non-empty lists of valid adapter targets, with repeats."""
+
+
 # --- recipe: spec strategies for the JSON round trip (owner: recipe) ----------
 
 import torch as _torch  # noqa: E402 - this section's own imports

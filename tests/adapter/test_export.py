@@ -201,3 +201,39 @@ def test_merged_state_dict_rejects_an_unknown_layout(tiny_mixtral: nn.Module) ->
     adapted = AdapterSpec.lora().apply(Loaded(tiny_mixtral))
     with pytest.raises(AdapterError, match="layout"):
         adapted.merged_state_dict(layout="sharded")  # type: ignore[arg-type]
+
+
+def test_bitsandbytes_linear4bit_base_is_adapted_and_merged(
+    tiny_mixtral: nn.Module, mixtral_config: MixtralConfig
+) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    for layer in tiny_mixtral.model.layers:
+        for name in ("q_proj", "v_proj"):
+            linear = getattr(layer.self_attn, name)
+            q = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=False,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+            )
+            q.weight = bnb.nn.Params4bit(
+                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
+            )
+            setattr(layer.self_attn, name, q.to("cpu"))
+    adapted = _adapt(tiny_mixtral, AdapterSpec.qlora(targets=("attention", "w2"), r=4, alpha=8))
+    rows = {e.module: e for e in adapted.coverage.entries}
+    assert rows["model.layers.0.self_attn.q_proj"].quantized
+    assert not rows["model.layers.0.self_attn.k_proj"].quantized
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ours = adapted.model(ids).logits
+    # That eval forward made bitsandbytes repack the CPU weights for its own
+    # kernel, which rounds activations (to ~1e-3); the merge has to read the
+    # repacked weights back.
+    stock = MixtralForCausalLM(mixtral_config).eval()
+    stock.load_state_dict(
+        adapted.merged_state_dict(layout="fused", dtype=torch.float32), strict=True
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, ours, rtol=5e-3, atol=5e-3)

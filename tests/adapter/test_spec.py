@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from mixtune.adapter import PRESETS, TARGET_NAMES, AdapterSpec
 from mixtune.errors import ConfigError
-from strategies import adapter_target_lists
+from tests.strategies import adapter_target_lists
 
 
 def test_lora_defaults_are_the_guides_setting() -> None:

@@ -11,9 +11,16 @@ pairs (:class:`LoraExperts`); the adapter exports to PEFT's format
 
 from __future__ import annotations
 
-from mixtune.adapter._apply import AdaptedModel
+from mixtune.adapter._apply import AdaptedModel, SupportsModel
 from mixtune.adapter._coverage import CoverageEntry, CoverageReport
-from mixtune.adapter._lora import ExpertFactors, ExpertsLike, LoraExperts, LoraLinear, LoraRouter
+from mixtune.adapter._lora import (
+    ExpertFactors,
+    ExpertsLike,
+    LoraExperts,
+    LoraLinear,
+    LoraRouter,
+    StockExperts,
+)
 from mixtune.adapter._spec import PRESETS, TARGET_NAMES, AdapterSpec
 
 __all__ = [
@@ -28,4 +35,6 @@ __all__ = [
     "LoraExperts",
     "LoraLinear",
     "LoraRouter",
+    "StockExperts",
+    "SupportsModel",
 ]

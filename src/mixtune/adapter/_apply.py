@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Literal, Protocol, TypeGuard, runtime_checkable
 
 import attrs
 import torch
@@ -21,19 +21,24 @@ from mixtune.adapter._lora import (
     LoraRouter,
     StockExperts,
 )
+from mixtune.adapter._spec import AdapterSpec
 from mixtune.errors import AdapterError, TargetNotFoundError, UnsupportedModelError
 
-if TYPE_CHECKING:
-    from mixtune.adapter._spec import AdapterSpec
-
-__all__ = ["AdaptedModel", "apply_spec"]
+__all__ = ["AdaptedModel", "SupportsModel", "apply_spec"]
 
 
-class _HasModel(Protocol):
-    """What :meth:`AdapterSpec.apply` needs: a causal LM at ``.model``."""
+@runtime_checkable
+class SupportsModel(Protocol):
+    """What :meth:`AdapterSpec.apply` needs: a causal LM at ``.model``.
+
+    :class:`~mixtune.model.LoadedModel` is one; ``source`` (for the exported
+    ``base_model_name_or_path``) is read when present.
+    """
 
     @property
-    def model(self) -> nn.Module: ...
+    def model(self) -> torch.nn.Module:
+        """The causal LM."""
+        ...
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -49,7 +54,7 @@ _FFN_TARGET: dict[str, ExpertProjection] = {
 }
 
 
-def _is_linear(module: object) -> bool:
+def _is_linear(module: object) -> TypeGuard[nn.Module]:
     return (
         isinstance(module, nn.Module)
         and hasattr(module, "in_features")
@@ -57,7 +62,7 @@ def _is_linear(module: object) -> bool:
     )
 
 
-def _is_stock_experts(module: object) -> bool:
+def _is_stock_experts(module: object) -> TypeGuard[nn.Module]:
     return (
         isinstance(module, nn.Module)
         and isinstance(getattr(module, "gate_up_proj", None), Tensor)
@@ -127,7 +132,6 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
             if target in _ATTENTION:
                 mod = getattr(attn, target, None)
                 if _is_linear(mod):
-                    assert isinstance(mod, nn.Module)
                     hits.append((f"{prefix}.self_attn.{target}", mod, None))
             elif target in _EXPERT_TARGET or (target in _FFN_TARGET and is_moe):
                 proj = _EXPERT_TARGET.get(target) or _FFN_TARGET[target]
@@ -137,12 +141,12 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
                         "dense model without experts; use 'gate_proj', 'up_proj', 'down_proj' "
                         "(or the 'mlp' preset) for its MLP"
                     )
-                if isinstance(experts, nn.Module):
+                if isinstance(experts, ExpertsLike) or _is_stock_experts(experts):
+                    assert isinstance(experts, nn.Module)
                     hits.append((f"{prefix}.mlp.experts", experts, proj))
             elif target in _FFN_TARGET:
                 mod = getattr(mlp, target, None)
                 if _is_linear(mod):
-                    assert isinstance(mod, nn.Module)
                     hits.append((f"{prefix}.mlp.{target}", mod, None))
             elif target == "router":
                 router = getattr(mlp, "gate", None)
@@ -166,7 +170,6 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
     if "lm_head" in spec.targets:
         head = getattr(model, "lm_head", None)
         if _is_linear(head):
-            assert isinstance(head, nn.Module)
             plan.linears["lm_head"] = ("lm_head", head)
             matched["lm_head"] += 1
     unmatched = [t for t, n in matched.items() if n == 0]
@@ -257,7 +260,7 @@ def _base_is_4bit(model: nn.Module) -> bool:
 
 
 def apply_spec(
-    spec: AdapterSpec, loaded: _HasModel, *, seed: int, dtype: torch.dtype
+    spec: AdapterSpec, loaded: SupportsModel, *, seed: int, dtype: torch.dtype
 ) -> AdaptedModel:
     """Implementation of :meth:`AdapterSpec.apply` (see there)."""
     model = loaded.model
@@ -266,7 +269,11 @@ def apply_spec(
             "this model already carries mixtune LoRA modules; apply an AdapterSpec to a freshly "
             "loaded model (or use AdaptedModel.load_lora_state_dict to change the factors)"
         )
-    if spec.requires_4bit and not _base_is_4bit(model):
+    # The loaded model's QuantSpec says how it was stored; without one (a
+    # model built by hand) look for 4-bit modules.
+    declared = getattr(getattr(loaded, "quant", None), "is_4bit", None)
+    is_4bit = declared if isinstance(declared, bool) else _base_is_4bit(model)
+    if spec.requires_4bit and not is_4bit:
         raise AdapterError(
             "AdapterSpec.qlora needs a 4-bit base, but this model has no 4-bit weights; load it "
             "with load_quantized(..., quant=QuantSpec.nf4()) or use AdapterSpec.lora(...)"
@@ -396,11 +403,11 @@ class AdaptedModel:
         lora_modules: Module path → the mixtune LoRA module at that path.
     """
 
-    model: nn.Module
+    model: torch.nn.Module
     spec: AdapterSpec
-    loaded: Any
+    loaded: SupportsModel
     coverage: CoverageReport
-    lora_modules: dict[str, nn.Module] = attrs.field(repr=False)
+    lora_modules: dict[str, torch.nn.Module] = attrs.field(repr=False)
 
     def _lora_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, module in self.lora_modules.items():

@@ -174,11 +174,35 @@ def _dense_weight(module: nn.Module, dtype: torch.dtype) -> Tensor:
     assert isinstance(weight, Tensor)
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks CPU weights for its CPU kernel on first use;
+            # the packed bytes no longer dequantize, but the layer still
+            # computes x @ W.T, so read W back through the layer itself (to
+            # the precision of that kernel, about bfloat16's).
+            return _probe_weight(module, dtype)
         import bitsandbytes.functional as bnbf
 
         deq: Tensor = bnbf.dequantize_4bit(weight.data, quant_state)
         return deq.to(dtype)
     return weight.detach().to(dtype)
+
+
+def _probe_weight(module: nn.Module, dtype: torch.dtype, chunk: int = 1024) -> Tensor:
+    """``W`` of a linear-like module, read as ``module(I).T`` minus the bias, in chunks."""
+    in_features = int(module.in_features)  # type: ignore[arg-type]  # linear-like
+    device = module.get_parameter("weight").device
+    compute = getattr(module, "compute_dtype", None) or torch.float32
+    bias = getattr(module, "bias", None)
+    columns = []
+    for start in range(0, in_features, chunk):
+        stop = min(start + chunk, in_features)
+        eye = torch.zeros(stop - start, in_features, device=device, dtype=compute)
+        eye[:, start:stop] = torch.eye(stop - start, device=device, dtype=compute)
+        out = module(eye).to(torch.float32)
+        if isinstance(bias, Tensor):
+            out = out - bias.to(torch.float32)
+        columns.append(out.t())
+    return torch.cat(columns, dim=1).to(dtype)
 
 
 def _emit_linear(

@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-__all__ = ["ExpertsLike", "LoraExperts", "LoraLinear", "LoraRouter"]
+__all__ = [
+    "ExpertFactors",
+    "ExpertsLike",
+    "LoraExperts",
+    "LoraLinear",
+    "LoraRouter",
+    "StockExperts",
+]
 
 ExpertProjection = Literal["gate", "up", "down"]
 EXPERT_PROJECTIONS: tuple[ExpertProjection, ...] = ("gate", "up", "down")
@@ -27,7 +34,7 @@ EXPERT_PROJECTIONS: tuple[ExpertProjection, ...] = ("gate", "up", "down")
 class ExpertsLike(Protocol):
     """What :class:`LoraExperts` needs from a stack of experts.
 
-    :class:`mixtune.model.MoEExperts` provides it; so does
+    :class:`~mixtune.model.MoEExperts` provides it; so does
     :class:`StockExperts` for transformers' own ``MixtralExperts``.
     """
 
@@ -51,7 +58,7 @@ class StockExperts(nn.Module):
     """:class:`ExpertsLike` view of transformers' ``MixtralExperts`` (plain 3-D weights).
 
     Lets the adapter work on a model that was not loaded through
-    :func:`mixtune.model.load_quantized`.
+    :func:`~mixtune.model.load_quantized`.
 
     Args:
         experts: A ``MixtralExperts`` module (``gate_up_proj`` (E, 2I, H),
@@ -60,7 +67,7 @@ class StockExperts(nn.Module):
 
     is_quantized = False
 
-    def __init__(self, experts: nn.Module) -> None:
+    def __init__(self, experts: torch.nn.Module) -> None:
         super().__init__()
         self.inner = experts
         dims: Any = experts  # transformers' module is untyped
@@ -149,7 +156,7 @@ class LoraLinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Module,
+        base: torch.nn.Module,
         *,
         r: int,
         scale: float,
@@ -282,9 +289,9 @@ class LoraExperts(nn.Module):
 
     def __init__(
         self,
-        base: nn.Module,
+        base: torch.nn.Module,
         *,
-        projections: tuple[ExpertProjection, ...],
+        projections: tuple[Literal["gate", "up", "down"], ...],
         r: int,
         scale: float,
         dropout: float,
@@ -314,7 +321,7 @@ class LoraExperts(nn.Module):
             self.add_module(f"{proj}_proj", factors)
         self.dropouts = nn.ModuleDict({p: _dropout(dropout) for p in self.projections})
 
-    def factors(self, projection: ExpertProjection) -> ExpertFactors | None:
+    def factors(self, projection: Literal["gate", "up", "down"]) -> ExpertFactors | None:
         """The factors of one projection, or None if it is not adapted.
 
         Args:
@@ -407,7 +414,7 @@ class LoraRouter(MixtralTopKRouter):
 
     def __init__(
         self,
-        base: MixtralTopKRouter,
+        base: torch.nn.Module,
         *,
         r: int,
         scale: float,
@@ -419,13 +426,14 @@ class LoraRouter(MixtralTopKRouter):
         # config; the base router keeps its own.
         nn.Module.__init__(self)
         self.base = base
-        self.top_k = int(base.top_k)
-        self.num_experts = int(base.num_experts)
-        self.hidden_dim = int(base.hidden_dim)
+        router: Any = base  # transformers' module is untyped
+        self.top_k = int(router.top_k)
+        self.num_experts = int(router.num_experts)
+        self.hidden_dim = int(router.hidden_dim)
         self.r = r
         self.scale = scale
         self.dropout = _dropout(dropout)
-        device = base.weight.device
+        device = router.weight.device
         a = _kaiming_uniform((r, self.hidden_dim), self.hidden_dim, generator)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.num_experts, r, device=device, dtype=dtype))
@@ -449,7 +457,7 @@ class LoraRouter(MixtralTopKRouter):
             ``MixtralTopKRouter`` returns them.
         """
         x = hidden_states.reshape(-1, self.hidden_dim)
-        logits = F.linear(x, self.base.weight)
+        logits = F.linear(x, self.base.get_parameter("weight"))
         h = self.dropout(x).to(self.lora_A.dtype)
         logits = logits + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(
             logits.dtype

@@ -16,7 +16,7 @@ import torch
 from mixtune.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mixtune.adapter._apply import AdaptedModel, _HasModel
+    from mixtune.adapter._apply import AdaptedModel, SupportsModel
 
 __all__ = ["PRESETS", "TARGET_NAMES", "AdapterSpec"]
 
@@ -112,8 +112,8 @@ class AdapterSpec:
     :func:`attrs.evolve`.  Every problem is reported at once in one
     :class:`~mixtune.errors.ConfigError`.
 
-    Targets are canonical names (:data:`TARGET_NAMES`), presets
-    (:data:`PRESETS`: ``"attention"``, ``"experts"``, ``"mlp"``,
+    Targets are canonical names (``TARGET_NAMES``), presets
+    (``PRESETS``: ``"attention"``, ``"experts"``, ``"mlp"``,
     ``"router"``, ``"lm_head"``, ``"all-linear"``) or old names (``w1`` →
     ``expert_gate``, ``w3`` → ``expert_up``, ``w2`` → ``expert_down``,
     ``gate`` → ``router``).  ``gate_proj``/``up_proj``/``down_proj`` mean the
@@ -133,6 +133,7 @@ class AdapterSpec:
             :meth:`apply` refuses any other base.
 
     Example:
+        >>> from mixtune.adapter import AdapterSpec
         >>> spec = AdapterSpec.lora(targets=("attention", "w1"))
         >>> spec.targets
         ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'expert_gate')
@@ -257,7 +258,7 @@ class AdapterSpec:
         return float(self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r)
 
     def apply(
-        self, loaded: _HasModel, *, seed: int = 0, dtype: torch.dtype = torch.float32
+        self, loaded: SupportsModel, *, seed: int = 0, dtype: torch.dtype = torch.float32
     ) -> AdaptedModel:
         """Wrap the targeted modules of ``loaded.model`` with LoRA, in place.
 
@@ -268,7 +269,8 @@ class AdapterSpec:
         No forward pass is run.
 
         Args:
-            loaded: A :class:`~mixtune.model.LoadedModel` (anything with a
+            loaded: A :class:`~mixtune.model.LoadedModel` from
+                :func:`~mixtune.model.load_quantized` (anything with a
                 ``.model`` causal LM works).
             seed: Seed of the factor initialisation.
             dtype: dtype of the LoRA factors (float32 keeps the optimizer's

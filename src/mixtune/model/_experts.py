@@ -51,6 +51,8 @@ class MoEExperts(nn.Module):
         device: Where storage is allocated.
 
     Example:
+        >>> import torch
+        >>> from mixtune.model import MoEExperts, QuantSpec
         >>> experts = MoEExperts(4, 64, 128, quant=QuantSpec.nf4(compute_dtype=torch.float32))
         >>> experts.is_quantized, experts.num_experts
         (True, 4)

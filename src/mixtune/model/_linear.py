@@ -33,6 +33,8 @@ class QuantLinear(nn.Module):
         device: Where storage is allocated.
 
     Example:
+        >>> import torch
+        >>> from mixtune.model import QuantLinear, QuantSpec
         >>> layer = QuantLinear(64, 32, quant=QuantSpec.nf4(compute_dtype=torch.float32))
         >>> layer(torch.randn(2, 64)).shape
         torch.Size([2, 32])
@@ -88,7 +90,7 @@ class QuantLinear(nn.Module):
 
     @property
     def is_quantized(self) -> bool:
-        """Always True: this layer stores its weight in 4 bits."""
+        """Whether the weight is stored in 4 bits (always, for this class)."""
         return True
 
     def set_weight(self, weight: torch.Tensor) -> None:
@@ -184,7 +186,7 @@ class QuantEmbedding(nn.Module):
 
     @property
     def is_quantized(self) -> bool:
-        """Always True."""
+        """Whether the table is stored in 4 bits (always, for this class)."""
         return True
 
     def set_weight(self, weight: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 The model skeleton is built on the meta device (no memory), mixtune's modules
 are swapped in on the target device, and then the checkpoint is read tensor by
-tensor with ``safetensors.safe_open``; expert matrices are quantized as they
+tensor (copied into fresh buffers, never memory-mapped); expert matrices are quantized as they
 arrive, one expert at a time. The full-precision model is never resident:
 peak memory is the final (4-bit) size plus one expert matrix in flight.
 """
@@ -35,6 +35,7 @@ from mixtune.model._experts import ExpertKind, MoEExperts
 from mixtune.model._linear import QuantEmbedding, QuantLinear
 from mixtune.model._quant import QuantSpec, require_4bit
 from mixtune.model._random import DENSE_TYPES, MOE_TYPES, SUPPORTED_TYPES
+from mixtune.model._safetensors import SafetensorsReader
 
 __all__ = ["LoadedModel", "load_quantized"]
 
@@ -174,8 +175,6 @@ def _download(repo_id: str) -> Path:
 
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Map every tensor name of the checkpoint to the file that holds it."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -210,11 +209,8 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         raise ModelLoadError(f"no safetensors weights in {folder}{hint}")
     out: dict[str, Path] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                out.update(dict.fromkeys(handle.keys(), path))
-        except Exception as exc:
-            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
+        with SafetensorsReader(path) as reader:
+            out.update(dict.fromkeys(reader.keys(), path))
     return out
 
 
@@ -491,8 +487,6 @@ def _stream(
     quant: QuantSpec,
     progress: bool | None,
 ) -> None:
-    from safetensors import safe_open
-
     moe = config.model_type in MOE_TYPES
     num_layers = int(config.num_hidden_layers)
     groups, unknown = _plan_keys(sorted(files), moe, num_layers)
@@ -510,41 +504,34 @@ def _stream(
     tie = bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" not in files
     order = [None, *range(num_layers)]
     with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-
-        def handle(key: str) -> Any:
-            path = files[key]
-            if path not in handles:
-                try:
-                    handles[path] = stack.enter_context(
-                        safe_open(str(path), framework="pt", device="cpu")
-                    )
-                except Exception as exc:
-                    raise ModelLoadError(
-                        f"{path} is not a readable safetensors file: {exc}"
-                    ) from exc
-            return handles[path]
-
-        def read(key: str) -> torch.Tensor:
-            try:
-                tensor: torch.Tensor = handle(key).get_tensor(key)
-            except ModelLoadError:
-                raise
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"cannot read tensor {key!r} from {files[key]}: {exc}"
-                ) from exc
-            return tensor
-
+        readers = _Readers(files, stack)
         bar = _progress(len(order), progress)
         try:
             for layer in order:
                 group = groups.get(layer)
                 if group is not None:
-                    _load_group(loader, group, layer, tie, quant, read, handle)
+                    _load_group(loader, group, layer, tie, quant, readers)
                 bar.update(1)
         finally:
             bar.close()
+
+
+@attrs.define
+class _Readers:
+    """Open each checkpoint file once, on first use."""
+
+    files: dict[str, Path]
+    stack: ExitStack
+    open: dict[Path, SafetensorsReader] = attrs.field(factory=dict)
+
+    def of(self, key: str) -> SafetensorsReader:
+        path = self.files[key]
+        if path not in self.open:
+            self.open[path] = self.stack.enter_context(SafetensorsReader(path))
+        return self.open[path]
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        return self.of(key).read(key, index)
 
 
 def _load_group(
@@ -553,11 +540,10 @@ def _load_group(
     layer: int | None,
     tie: bool,
     quant: QuantSpec,
-    read: Any,
-    handle: Any,
+    readers: _Readers,
 ) -> None:
     for key, name in group["direct"]:
-        tensor = read(key)
+        tensor = readers.read(key)
         loader.assign(name, tensor)
         if tie and name == "model.embed_tokens.weight":
             if quant.quantize_lm_head or quant.quantize_embeddings:
@@ -567,29 +553,23 @@ def _load_group(
                 loader.model.lm_head.weight = loader.model.model.embed_tokens.weight  # type: ignore[union-attr]
                 loader.filled.add("lm_head.weight")
         del tensor
-    assert layer is not None or not (group["fused"] or group["pieces"])
+    if layer is None:
+        return  # expert tensors always carry a layer index (see _plan_keys)
     for key in group["fused"]:
         kind: ExpertKind = "gate_up" if key.endswith("gate_up_proj") else "down"
-        try:
-            slices = handle(key).get_slice(key)
-            count = int(slices.get_shape()[0])
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read tensor {key!r}: {exc}") from exc
-        for e in range(count):
-            # One expert in memory at a time; the slice API reads just those bytes.
-            loader.set_expert(layer, kind, e, slices[e : e + 1][0], key)  # type: ignore[arg-type]
+        for e in range(readers.of(key).shape(key)[0]):
+            # One expert in memory at a time: only that slice's bytes are read.
+            loader.set_expert(layer, kind, e, readers.read(key, e), key)
     pieces: dict[int, dict[str, str]] = defaultdict(dict)
     for expert, w, key in group["pieces"]:
         pieces[expert][w] = key
     for expert, by_w in sorted(pieces.items()):
         if "w1" in by_w and "w3" in by_w:
-            gate_up = torch.cat([read(by_w["w1"]), read(by_w["w3"])])
-            loader.set_expert(layer, "gate_up", expert, gate_up, by_w["w1"])  # type: ignore[arg-type]
+            gate_up = torch.cat([readers.read(by_w["w1"]), readers.read(by_w["w3"])])
+            loader.set_expert(layer, "gate_up", expert, gate_up, by_w["w1"])
             del gate_up
         if "w2" in by_w:
-            loader.set_expert(layer, "down", expert, read(by_w["w2"]), by_w["w2"])  # type: ignore[arg-type]
+            loader.set_expert(layer, "down", expert, readers.read(by_w["w2"]), by_w["w2"])
 
 
 def _rebuild_meta_buffers(model: nn.Module, config: Any, device: torch.device) -> None:

@@ -115,6 +115,7 @@ class QuantSpec:
             ConfigError: If any argument is invalid (all listed at once).
 
         Example:
+            >>> from mixtune.model import QuantSpec
             >>> QuantSpec.nf4(double_quant=False).block_size
             64
         """

@@ -60,6 +60,7 @@ def tiny_config(model_type: str = "mixtral", **overrides: Any) -> Any:
         UnsupportedModelError: For another ``model_type``.
 
     Example:
+        >>> from mixtune.model import tiny_config
         >>> tiny_config(num_local_experts=8).num_local_experts
         8
     """
