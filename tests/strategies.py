@@ -128,39 +128,6 @@ tokenizer_texts = st.one_of(texts, whitespace_texts, unicode_texts, latex_texts)
 
 
 # ---------------------------------------------------------------------------
-# adapter (owner: adapter)
-# ---------------------------------------------------------------------------
-
-adapter_target_names = st.sampled_from(
-    [
-        "attention",
-        "experts",
-        "mlp",
-        "router",
-        "lm_head",
-        "all-linear",
-        "w1",
-        "w2",
-        "w3",
-        "gate",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "expert_gate",
-        "expert_up",
-        "expert_down",
-    ]
-)
-"""One valid adapter target: a preset, an old name or a canonical name."""
-
-adapter_target_lists = st.lists(adapter_target_names, min_size=1, max_size=8)
-"""Non-empty lists of valid adapter targets, with repeats."""
-
-
 # corpus (owner: corpus) — documents and chunking settings
 # ---------------------------------------------------------------------------
 
@@ -242,6 +209,30 @@ adapter_target_lists = st.lists(adapter_target_names, min_size=1, max_size=8)
 """Non-empty lists of valid adapter targets, with repeats."""
 
 
+# ---------------------------------------------------------------------------
+# model (owner: model): 4-bit storage specs and weight matrices
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def quant_specs(draw: st.DrawFn) -> object:
+    """Valid 4-bit ``mixtune.model.QuantSpec`` values (fp32 compute, for exact checks)."""
+    import torch
+
+    from mixtune.model import QuantSpec
+
+    return QuantSpec(
+        method=draw(st.sampled_from(["nf4", "fp4"])),
+        double_quant=draw(st.booleans()),
+        compute_dtype=torch.float32,
+        block_size=draw(st.sampled_from([64, 128, 256])),
+    )
+
+
+matrix_shapes = st.tuples(st.integers(1, 48), st.integers(1, 48).map(lambda n: 2 * n))
+"""``(rows, cols)`` of a weight matrix; an even column count, as in real models."""
+
+
 # --- recipe: spec strategies for the JSON round trip (owner: recipe) ----------
 
 import torch as _torch  # noqa: E402 - this section's own imports
@@ -291,8 +282,8 @@ def recipes(draw: st.DrawFn) -> object:
 
 
 @st.composite
-def quant_specs(draw: st.DrawFn) -> object:
-    """Valid :class:`mixtune.model.QuantSpec` objects."""
+def spec_quant_specs(draw: st.DrawFn) -> object:
+    """Valid :class:`mixtune.model.QuantSpec` objects of every method and dtype."""
     from mixtune.model import QuantSpec
 
     kind = draw(st.sampled_from(["nf4", "fp4", "none"]))

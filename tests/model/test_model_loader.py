@@ -139,6 +139,10 @@ def test_loaded_structure_and_frozen_weights(tiny_fused: Path) -> None:
     assert all(not p.requires_grad for p in model.parameters())
     assert len(list(iter_expert_modules(model))) == 2
     assert model.model.rotary_emb.inv_freq.device.type == "cpu"
+    text = repr(loaded)
+    assert "MixtralForCausalLM" in text
+    assert "nf4" in text
+    assert len(text) < 400
 
 
 @pytest.mark.parametrize("quant", [QuantSpec.nf4(), QuantSpec.none()], ids=["nf4", "none"])

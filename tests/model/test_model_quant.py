@@ -7,9 +7,12 @@ import math
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mixtune.errors import ConfigError
 from mixtune.model import Packed4bit, QuantSpec
+from strategies import matrix_shapes, quant_specs
 
 
 def test_named_constructors() -> None:
@@ -97,3 +100,29 @@ def test_store_rejects_wrong_shape() -> None:
 def test_packed_needs_a_4bit_spec() -> None:
     with pytest.raises(ConfigError, match="4-bit"):
         Packed4bit(1, (8, 64), QuantSpec.none())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=quant_specs(), shape=matrix_shapes, scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16)
+)
+def test_round_trip_error_is_bounded_by_each_blocks_scale(
+    spec: QuantSpec, shape: tuple[int, int], scale: float, seed: int
+) -> None:
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+    packed = Packed4bit(1, shape, spec)
+    packed.store(0, weight)
+    back = packed.dequantize(0)
+    assert back.shape == weight.shape
+    flat_w, flat_b = weight.flatten(), back.flatten()
+    pad = -flat_w.numel() % spec.block_size
+    blocks_w = torch.nn.functional.pad(flat_w, (0, pad)).view(-1, spec.block_size)
+    blocks_b = torch.nn.functional.pad(flat_b, (0, pad)).view(-1, spec.block_size)
+    absmax = blocks_w.abs().amax(-1, keepdim=True)
+    # Half the widest gap between adjacent 4-bit levels (fp4: 0.17 of the block
+    # scale, nf4: 0.15), plus slack for the 8-bit quantized scales.
+    bound = 0.26 * absmax * (1.02 if spec.double_quant else 1.0) + 1e-6
+    assert bool(((blocks_b - blocks_w).abs() <= bound).all())
+    # The block maximum survives up to its scale's precision.
+    peak = blocks_b.abs().amax(-1, keepdim=True)
+    assert torch.allclose(peak, absmax, rtol=0.02 if spec.double_quant else 1e-3)

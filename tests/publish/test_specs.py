@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from mixtune.errors import ConfigError
 from mixtune.publish import spec_from_dict, spec_to_dict
 from mixtune.recipe import Recipe, RunSettings
-from tests.strategies import adapter_specs, quant_specs, recipes
+from tests.strategies import adapter_specs, recipes, spec_quant_specs
 
 
 def _round_trip(spec: Any) -> Any:
@@ -29,7 +29,7 @@ def test_recipe_round_trip(recipe: Any) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(quant_specs())
+@given(spec_quant_specs())
 def test_quant_spec_round_trip(spec: Any) -> None:
     back = _round_trip(spec)
     assert back == spec

@@ -246,8 +246,9 @@ def census(model: nn.Module) -> Census:
     for module in model.modules():
         if isinstance(module, Packed4bit):
             for bname, buf in module.named_buffers(recurse=False):
-                # The packed data holds two weights per byte; the rest is quantization state.
-                four_bit[id(buf)] = (bname == "data", buf.numel() * 2 if bname == "data" else 0)
+                # The packed data holds the weights (two per byte); the rest is quantization state.
+                is_data = bname == "data"
+                four_bit[id(buf)] = (is_data, module.count * module.numel if is_data else 0)
     acc: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     seen: set[int] = set()
     named = [*model.named_parameters(), *model.named_buffers()]

@@ -63,7 +63,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-@attrs.frozen(eq=False)
+@attrs.frozen(eq=False, repr=False)
 class LoadedModel:
     """A loaded model and what it was loaded from.
 
@@ -92,6 +92,14 @@ class LoadedModel:
     def is_moe(self) -> bool:
         """Whether the model has experts."""
         return bool(self.config.model_type in MOE_TYPES)
+
+    def __repr__(self) -> str:
+        # The default would print the whole module tree and the tokenizer.
+        return (
+            f"LoadedModel(source={self.source!r}, model={type(self.model).__name__}, "
+            f"quant={self.quant!r}, device={str(self.device)!r}, dtype={self.dtype}, "
+            f"tokenizer={'yes' if self.tokenizer is not None else 'none'})"
+        )
 
     def census(self) -> Census:
         """Bytes by module kind and storage (see :func:`census`).

@@ -272,8 +272,12 @@ class Packed4bit(nn.Module):
         self.quant = quant
         numel = self.shape[0] * self.shape[1]
         blocks = math.ceil(numel / quant.block_size)
+        # Matrices are stored flat and zero-padded to whole blocks: bitsandbytes'
+        # CPU kernel dequantizes a partial last block with the wrong scale.
+        # Real model widths are multiples of the block size, so this costs nothing there.
+        self.padded = blocks * quant.block_size
         self.register_buffer(
-            "data", torch.zeros(count, (numel + 1) // 2, dtype=torch.uint8, device=device)
+            "data", torch.zeros(count, self.padded // 2, dtype=torch.uint8, device=device)
         )
         absmax_dtype = torch.uint8 if quant.double_quant else torch.float32
         self.register_buffer(
@@ -310,8 +314,11 @@ class Packed4bit(nn.Module):
         source = weight.detach().to(self.data.device)
         if source.dtype not in _FLOAT_DTYPES:
             source = source.float()
+        flat = source.reshape(-1)
+        if self.padded > flat.numel():
+            flat = torch.nn.functional.pad(flat, (0, self.padded - flat.numel()))
         packed, state = bnb_f.quantize_4bit(
-            source.contiguous(),
+            flat.contiguous(),
             blocksize=self.quant.block_size,
             compress_statistics=self.quant.double_quant,
             quant_type=self.quant.method,
@@ -347,7 +354,7 @@ class Packed4bit(nn.Module):
             offset = self.offset[index]
         return bnb_f.QuantState(
             absmax=self.absmax[index],
-            shape=torch.Size(self.shape),
+            shape=torch.Size([self.padded]),
             blocksize=self.quant.block_size,
             quant_type=self.quant.method,
             dtype=dtype,
@@ -372,6 +379,7 @@ class Packed4bit(nn.Module):
         out: torch.Tensor = bnb_f.dequantize_4bit(
             self.data[index].view(-1, 1), self.quant_state(index, kernel_dtype)
         )
+        out = out.reshape(-1)[: self.numel].view(self.shape)
         return out.to(dtype) if out.dtype != dtype else out
 
     def nbytes(self) -> int:
