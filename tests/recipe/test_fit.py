@@ -218,6 +218,13 @@ def test_paged_optimizer_refused_on_cpu(tmp_path: Path) -> None:
         ).fit(toy_adapted(), ToyCorpus())
 
 
+def test_missing_logging_backend_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec now reports it missing
+    run = RunSettings(output_dir=tmp_path / "run", report_to="wandb")
+    with pytest.raises(ConfigError, match=r"mixtune\[wandb\]"):
+        _recipe(tmp_path, run=run).fit(toy_adapted(), ToyCorpus())
+
+
 def test_loaded_model_without_adapter_is_refused(tmp_path: Path) -> None:
     class Loaded:
         model = toy_adapted().model

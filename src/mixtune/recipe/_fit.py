@@ -11,10 +11,16 @@ points of a subclass:
 - every micro-step's loss is checked (``training_step``), so a NaN stops the
   run at once with the step named, before it could be saved;
 - evaluation is mixtune's own (plain LM loss and routing load).
+
+The Trainer refuses to train "purely quantized" models that are not PEFT
+models, but it recognises them only by transformers' ``hf_quantizer``/
+``is_quantized`` markers, which ``load_quantized`` does not set (mixtune
+quantizes with its own modules), so an adapted 4-bit model trains as is.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import resource
 import sys
@@ -85,6 +91,13 @@ def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         problems.append("precision='bf16' but this GPU has no bf16; use precision='fp32'")
+    for backend in recipe.run.report_to:
+        # The Trainer would fail deep inside its integrations; say what to install.
+        if importlib.util.find_spec(backend) is None:
+            problems.append(
+                f"run.report_to includes {backend!r} but it is not installed: "
+                f'pip install "mixtune[{backend}]"'
+            )
     if problems:
         raise ConfigError(problems)
     return optim, precision == "bf16"
