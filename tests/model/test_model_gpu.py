@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import requires_gpu
 
 from mixtune.model import (
     LoadedModel,
@@ -23,6 +22,7 @@ from mixtune.model import (
     mixtral_8x7b_config,
     random_checkpoint,
 )
+from tests.model.model_helpers import requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import DEVICES
 from torch import nn
 
 from mixtune.errors import (
@@ -31,6 +30,7 @@ from mixtune.model import (
     iter_expert_modules,
     load_quantized,
 )
+from tests.model.model_helpers import DEVICES
 
 FP32_NF4 = QuantSpec.nf4(compute_dtype=torch.float32)
 
@@ -499,3 +499,24 @@ def test_broken_tokenizer_files(tiny_fused: Path, tmp_path: Path) -> None:
     with pytest.raises(TokenizerError, match="tokenizer=") as info:
         load_quantized(folder)
     assert str(folder) in str(info.value)
+
+
+def test_gradient_checkpointing_gives_the_same_input_gradients(tiny_fused: Path) -> None:
+    model = load_quantized(tiny_fused, quant=FP32_NF4, dtype=torch.float32).model
+    model.train()
+    ids = _ids()
+
+    def input_grad() -> torch.Tensor:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds, use_cache=False).logits.sum().backward()
+        assert embeds.grad is not None
+        return embeds.grad
+
+    plain = input_grad()
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    checkpointed = input_grad()
+    torch.testing.assert_close(checkpointed, plain)

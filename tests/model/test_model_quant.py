@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mixtune.errors import ConfigError
 from mixtune.model import Packed4bit, QuantSpec
-from strategies import matrix_shapes, quant_specs
+from tests.strategies import matrix_shapes, quant_specs
 
 
 def test_named_constructors() -> None:
