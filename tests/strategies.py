@@ -231,3 +231,96 @@ def quant_specs(draw: st.DrawFn) -> object:
 
 matrix_shapes = st.tuples(st.integers(1, 48), st.integers(1, 48).map(lambda n: 2 * n))
 """``(rows, cols)`` of a weight matrix; an even column count, as in real models."""
+
+
+# --- recipe: spec strategies for the JSON round trip (owner: recipe) ----------
+
+import torch as _torch  # noqa: E402 - this section's own imports
+
+_FLOAT_DTYPES = st.sampled_from([_torch.bfloat16, _torch.float16, _torch.float32])
+
+
+@st.composite
+def recipes(draw: st.DrawFn) -> object:
+    """Valid :class:`mixtune.recipe.Recipe` objects with varied fields."""
+    from mixtune.recipe import Recipe, RunSettings
+
+    run = RunSettings(
+        output_dir=draw(st.sampled_from(["runs/a", "/tmp/b c", "ü/ñ"])),
+        device=draw(st.sampled_from(["auto", "cpu", "cuda"])),
+        report_to=draw(
+            st.lists(st.sampled_from(["tensorboard", "wandb"]), unique=True, max_size=2)
+        ),
+        progress=draw(st.booleans()),
+        save_total_limit=draw(st.none() | st.integers(1, 10)),
+        memory_budget_bytes=draw(st.none() | st.integers(0, 2**40)),
+    )
+    pos_float = st.floats(min_value=1e-8, max_value=1.0, allow_nan=False, allow_infinity=False)
+    warmup = draw(st.one_of(st.floats(0, 0.999), st.integers(0, 1000).map(float)))
+    return Recipe(
+        epochs=draw(st.floats(min_value=0.01, max_value=100, allow_nan=False)),
+        max_steps=draw(st.none() | st.integers(1, 10**6)),
+        batch_size=draw(st.integers(1, 64)),
+        grad_accum=draw(st.integers(1, 64)),
+        learning_rate=draw(pos_float),
+        warmup=warmup,
+        scheduler=draw(st.sampled_from(["linear", "cosine", "constant", "constant_with_warmup"])),
+        weight_decay=draw(st.floats(0, 1)),
+        max_grad_norm=draw(st.floats(0, 10)),
+        optimizer=draw(st.sampled_from(["auto", "paged_adamw_8bit", "adamw_torch"])),
+        precision=draw(st.sampled_from(["auto", "bf16", "fp32"])),
+        gradient_checkpointing=draw(st.booleans()),
+        layout=draw(st.sampled_from(["padded", "packed"])),
+        router_aux_loss_coef=draw(st.floats(0, 1)),
+        eval_steps=draw(st.integers(1, 10**4)),
+        save_steps=draw(st.integers(1, 10**4)),
+        logging_steps=draw(st.integers(1, 10**4)),
+        eval_rows=draw(st.none() | st.integers(1, 10**4)),
+        seed=draw(st.integers(0, 2**32)),
+        run=run,
+    )
+
+
+@st.composite
+def spec_quant_specs(draw: st.DrawFn) -> object:
+    """Valid :class:`mixtune.model.QuantSpec` objects of every method and dtype."""
+    from mixtune.model import QuantSpec
+
+    kind = draw(st.sampled_from(["nf4", "fp4", "none"]))
+    if kind == "none":
+        return QuantSpec.none(compute_dtype=draw(_FLOAT_DTYPES))
+    make = QuantSpec.nf4 if kind == "nf4" else QuantSpec.fp4
+    return make(
+        double_quant=draw(st.booleans()),
+        compute_dtype=draw(_FLOAT_DTYPES),
+        block_size=draw(st.sampled_from([64, 128, 256])),
+        quantize_embeddings=draw(st.booleans()),
+        quantize_lm_head=draw(st.booleans()),
+    )
+
+
+@st.composite
+def adapter_specs(draw: st.DrawFn) -> object:
+    """Valid :class:`mixtune.adapter.AdapterSpec` objects."""
+    from mixtune.adapter import AdapterSpec
+
+    make = draw(st.sampled_from([AdapterSpec.lora, AdapterSpec.qlora]))
+    targets = draw(
+        st.lists(
+            st.sampled_from(["attention", "experts", "router", "lm_head", "all-linear", "q_proj"]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    )
+    return make(
+        r=draw(st.integers(1, 128)),
+        alpha=draw(st.floats(0.5, 256, allow_nan=False)),
+        dropout=draw(st.floats(0, 0.9)),
+        targets=tuple(targets),
+        layers=draw(st.none() | st.lists(st.integers(0, 63), min_size=1, max_size=4, unique=True)),
+        rslora=draw(st.booleans()),
+    )
+
+
+# --------------------------------------------------------------- end recipe

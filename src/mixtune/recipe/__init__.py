@@ -1,0 +1,28 @@
+"""Training: the :class:`Recipe` spec, ``Recipe.fit`` and what it returns.
+
+``Recipe`` holds every knob that defines the trained adapter; run-time
+choices (output folder, device, logging) sit in :class:`RunSettings`.
+``Recipe.fit`` drives the Hugging Face Trainer with mixtune's atomic
+LoRA-only checkpoints, NaN stop and memory pre-flight, and returns a
+:class:`FitResult`.
+"""
+
+from __future__ import annotations
+
+from mixtune.recipe._checkpoint import complete_checkpoints, last_complete_checkpoint
+from mixtune.recipe._fit import fit
+from mixtune.recipe._preflight import estimate_memory
+from mixtune.recipe._result import FitResult, LossPoint, MemoryEstimate
+from mixtune.recipe._spec import Recipe, RunSettings
+
+__all__ = [
+    "FitResult",
+    "LossPoint",
+    "MemoryEstimate",
+    "Recipe",
+    "RunSettings",
+    "complete_checkpoints",
+    "estimate_memory",
+    "fit",
+    "last_complete_checkpoint",
+]

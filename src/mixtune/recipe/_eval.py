@@ -1,0 +1,111 @@
+"""Evaluation without the Trainer: token-weighted loss and expert routing load.
+
+The Trainer's own evaluation reports the training loss, which includes the
+router's auxiliary loss; perplexity needs the plain language-model loss, and
+routing statistics need the router logits, so evaluation is done here. It
+batches rows by slicing (no DataLoader, whose iterator draws from the global
+RNG and would change the training run it is called from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["EvalStats", "evaluate"]
+
+_COLUMNS = ("input_ids", "attention_mask", "position_ids")
+
+
+@attrs.frozen
+class EvalStats:
+    """Result of one evaluation pass.
+
+    Attributes:
+        loss: Mean cross-entropy per predicted token (nats).
+        tokens: Number of predicted tokens.
+        routing_load: Per layer, the fraction of routed slots each expert got.
+    """
+
+    loss: float
+    tokens: int
+    routing_load: tuple[tuple[float, ...], ...]
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int,
+    max_rows: int | None = None,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> EvalStats:
+    """Compute the LM loss and routing load of ``model`` on ``dataset``.
+
+    Args:
+        model: A causal LM (Mixtral-style, so it can return router logits).
+        dataset: Rows with ``input_ids``, ``attention_mask``, ``labels`` and
+            optionally ``position_ids``.
+        batch_size: Rows per forward pass.
+        max_rows: Evaluate only the first this many rows.
+        device: Where the inputs go.
+        autocast_dtype: Autocast dtype (bf16 on CUDA), or ``None``.
+
+    Returns:
+        The :class:`EvalStats`.
+    """
+    n = len(dataset) if max_rows is None else min(len(dataset), max_rows)
+    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64)
+    total_tokens = 0
+    counts: list[torch.Tensor] = []
+    ctx: contextlib.AbstractContextManager[Any] = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.no_grad(), ctx:
+            for start in range(0, n, batch_size):
+                rows = dataset[start : min(start + batch_size, n)]
+                inputs = {
+                    k: torch.as_tensor(rows[k], dtype=torch.long, device=device)
+                    for k in _COLUMNS
+                    if k in rows
+                }
+                labels = torch.as_tensor(rows["labels"], dtype=torch.long, device=device)
+                out = model(
+                    **inputs, use_cache=False, output_router_logits=top_k > 0, return_dict=True
+                )
+                logits = out.logits[:, :-1].float()
+                target = labels[:, 1:]
+                total_loss += F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                ).to("cpu", torch.float64)
+                total_tokens += int((target != -100).sum())
+                router_logits = getattr(out, "router_logits", None)
+                if top_k and router_logits:
+                    mask = inputs["attention_mask"].reshape(-1).bool()
+                    for layer, rl in enumerate(router_logits):
+                        chosen = rl[mask].topk(top_k, dim=-1).indices.reshape(-1)
+                        c = torch.bincount(chosen, minlength=rl.shape[-1]).to("cpu", torch.float64)
+                        if layer == len(counts):
+                            counts.append(c)
+                        else:
+                            counts[layer] += c
+    finally:
+        model.train(was_training)
+    loss = float(total_loss / max(total_tokens, 1))
+    load = tuple(tuple(float(x) for x in c / c.sum()) for c in counts if c.sum() > 0)
+    return EvalStats(loss=loss, tokens=total_tokens, routing_load=load)

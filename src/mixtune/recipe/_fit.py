@@ -1,0 +1,461 @@
+"""``Recipe.fit``: the Hugging Face Trainer, told about mixtune's LoRA and checkpoints.
+
+The Trainer runs the loop (optimizer, scheduler, accumulation, autocast,
+gradient checkpointing, logging backends, seeded data order, RNG restore on
+resume). mixtune replaces three of its parts through documented override
+points of a subclass:
+
+- checkpoints (``_save_checkpoint``/``_load_from_checkpoint``) hold only the
+  LoRA weights plus optimizer/scheduler/RNG/trainer state and are written
+  atomically (see :mod:`mixtune.recipe._checkpoint`);
+- every micro-step's loss is checked (``training_step``), so a NaN stops the
+  run at once with the step named, before it could be saved;
+- evaluation is mixtune's own (plain LM loss and routing load).
+
+The Trainer refuses to train "purely quantized" models that are not PEFT
+models, but it recognises them only by transformers' ``hf_quantizer``/
+``is_quantized`` markers, which ``load_quantized`` does not set (mixtune
+quantizes with its own modules), so an adapted 4-bit model trains as is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from mixtune.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingError
+from mixtune.recipe._checkpoint import (
+    complete_checkpoints,
+    last_complete_checkpoint,
+    load_adapter_weights,
+    prune_checkpoints,
+    write_checkpoint,
+)
+from mixtune.recipe._eval import EvalStats, evaluate
+from mixtune.recipe._preflight import check_preflight, estimate_memory
+from mixtune.recipe._result import FitResult, LossPoint
+from mixtune.recipe._spec import Recipe
+
+__all__ = ["fit"]
+
+
+def _resolve_adapted(model: Any, adapter: Any, seed: int) -> Any:
+    if hasattr(model, "lora_state_dict") and hasattr(model, "load_lora_state_dict"):
+        if adapter is not None:
+            raise ConfigError(
+                "adapter: the model is already adapted; pass adapter=None or give the "
+                "LoadedModel instead"
+            )
+        return model
+    if adapter is None:
+        raise ConfigError(
+            "adapter: a LoadedModel needs an AdapterSpec to train, e.g. "
+            "recipe.fit(loaded, corpus, AdapterSpec.qlora())"
+        )
+    if not hasattr(adapter, "apply"):
+        raise ConfigError(f"adapter={adapter!r}: pass a mixtune.adapter.AdapterSpec")
+    return adapter.apply(model, seed=seed)
+
+
+def _resolve_device(recipe: Recipe) -> torch.device:
+    want = recipe.run.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
+    """Resolve optimizer and precision for the device; report impossible choices."""
+    problems = []
+    optim = recipe.optimizer
+    if optim == "auto":
+        optim = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
+    if optim == "paged_adamw_8bit" and device.type != "cuda":
+        problems.append(
+            "optimizer='paged_adamw_8bit' needs CUDA (bitsandbytes' paged optimizers); "
+            "use optimizer='auto' or 'adamw_torch' on CPU"
+        )
+    precision = recipe.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        problems.append("precision='bf16' but this GPU has no bf16; use precision='fp32'")
+    for backend in recipe.run.report_to:
+        # The Trainer would fail deep inside its integrations; say what to install.
+        if importlib.util.find_spec(backend) is None:
+            problems.append(
+                f"run.report_to includes {backend!r} but it is not installed: "
+                f'pip install "mixtune[{backend}]"'
+            )
+    if problems:
+        raise ConfigError(problems)
+    return optim, precision == "bf16"
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(
+        getattr(m, "is_quantized", False) is True
+        or type(m).__name__ in ("Linear4bit", "Params4bit")
+        for m in model.modules()
+    )
+
+
+def _census_bytes(adapted: Any) -> int | None:
+    census = getattr(getattr(adapted, "loaded", None), "census", None)
+    if not callable(census):
+        return None
+    total = getattr(census(), "total_bytes", None)
+    return int(total) if isinstance(total, int) else None
+
+
+def _history(log_history: list[dict[str, Any]], key: str) -> tuple[LossPoint, ...]:
+    points = {}
+    for entry in log_history:
+        if key in entry and "step" in entry:
+            points[int(entry["step"])] = float(entry[key])
+    return tuple(LossPoint(s, v) for s, v in sorted(points.items()))
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _checkpointing_args(arguments_cls: type, enabled: bool) -> dict[str, Any]:
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing
+    # (the old name warns); 5.17 knows only the old one.
+    fields = getattr(arguments_cls, "__dataclass_fields__", {})
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
+    # Non-reentrant: works with frozen inputs and keyword arguments, and is
+    # the variant PyTorch recommends.
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def _disable_checkpointing(model: nn.Module) -> None:
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        method = getattr(model, name, None)
+        if method is not None:
+            method()
+            return
+
+
+def fit(
+    recipe: Recipe,
+    model: Any,
+    corpus: Any,
+    adapter: Any = None,
+    *,
+    resume: bool = False,
+) -> FitResult:
+    """Train the LoRA weights of ``model`` on ``corpus`` following ``recipe``.
+
+    Args:
+        recipe: The recipe.
+        model: A ``LoadedModel`` (``adapter`` is applied first) or an ``AdaptedModel``.
+        corpus: A ``ChunkedCorpus`` (``to_datasets`` gives train/validation/test).
+        adapter: The ``AdapterSpec`` for a ``LoadedModel``.
+        resume: Continue from the last complete checkpoint in ``recipe.run.output_dir``
+            (starts fresh when there is none).
+
+    Returns:
+        The :class:`FitResult`.
+
+    Raises:
+        ConfigError: If the recipe cannot run here or the inputs do not fit together.
+        PreflightError: If the run would not fit in memory.
+        NonFiniteLossError: If the loss became NaN or infinite (checkpoints stay).
+        CheckpointError: If ``output_dir`` holds checkpoints and ``resume`` is False.
+    """
+    from transformers import TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    device = _resolve_device(recipe)
+    optim, bf16 = _runtime_problems(recipe, device)
+    run_dir = recipe.run.output_dir
+    existing = complete_checkpoints(run_dir)
+    if existing and not resume:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints ({existing[-1].name}); pass resume=True to "
+            "continue that run or choose another RunSettings(output_dir=...)"
+        )
+    start_from = last_complete_checkpoint(run_dir) if resume else None
+
+    adapted = _resolve_adapted(model, adapter, recipe.seed)
+    hf_model: Any = adapted.model
+    if not any(p.requires_grad for p in hf_model.parameters()):
+        raise TrainingError("the adapted model has no trainable parameters; check the AdapterSpec")
+
+    datasets = corpus.to_datasets(layout=recipe.layout)
+    for split in ("train", "validation", "test"):
+        if split not in datasets:
+            raise ConfigError(f"corpus.to_datasets() has no {split!r} split")
+    train_ds = datasets["train"]
+    if len(train_ds) == 0:
+        raise ConfigError("the corpus' train split is empty; add documents or change fractions")
+    seq_len = len(train_ds[0]["input_ids"])
+
+    est = estimate_memory(
+        hf_model,
+        batch_size=recipe.batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        optimizer=optim,
+        activation_dtype=torch.bfloat16 if bf16 else torch.float32,
+        device=device,
+        available=recipe.run.memory_budget_bytes,
+        weights_bytes=_census_bytes(adapted),
+    )
+    check_preflight(
+        est,
+        batch_size=recipe.batch_size,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        quantized=_is_quantized(hf_model),
+    )
+
+    cfg: Any = hf_model.config
+    saved_cfg = (cfg.use_cache, getattr(cfg, "output_router_logits", False))
+    saved_coef = getattr(hf_model, "router_aux_loss_coef", None)
+    model_device = next(hf_model.parameters()).device
+    autocast = torch.bfloat16 if bf16 else None
+
+    def run_eval(split: str) -> EvalStats:
+        return evaluate(
+            hf_model,
+            datasets[split],
+            batch_size=recipe.batch_size,
+            max_rows=recipe.eval_rows,
+            device=model_device if model_device.type == device.type else device,
+            autocast_dtype=autocast,
+        )
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = run_eval("test")
+
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps if recipe.max_steps is not None else -1,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        warmup_steps=recipe.warmup,
+        lr_scheduler_type=recipe.scheduler,
+        optim=optim,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        **_checkpointing_args(TrainingArguments, recipe.gradient_checkpointing),
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        logging_strategy="steps",
+        logging_steps=recipe.logging_steps,
+        # The Trainer would otherwise drop NaN losses from the logged mean.
+        logging_nan_inf_filter=False,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        report_to=list(recipe.run.report_to) or "none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+    )
+
+    trainer = _MixtuneTrainer(
+        model=hf_model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=default_data_collator,
+        callbacks=list(recipe.run.callbacks),
+        mixtune_adapted=adapted,
+        mixtune_keep=recipe.run.save_total_limit,
+    )
+    # mixtune draws its own bar (loss, tokens/s, ETA); the stock printers go.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(
+        _EvalCallback(
+            lambda: run_eval("validation").loss, recipe.eval_steps, len(datasets["validation"]) > 0
+        )
+    )
+    trainer.add_callback(_ProgressBar(trainer, recipe.run.progress))
+
+    cfg.use_cache = False
+    cfg.output_router_logits = recipe.router_aux_loss_coef > 0
+    if saved_coef is not None:
+        hf_model.router_aux_loss_coef = recipe.router_aux_loss_coef
+    t0 = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+    finally:
+        wall = time.perf_counter() - t0
+        cfg.use_cache, cfg.output_router_logits = saved_cfg
+        if saved_coef is not None:
+            hf_model.router_aux_loss_coef = saved_coef
+        if recipe.gradient_checkpointing:
+            _disable_checkpointing(hf_model)
+        hf_model.eval()
+
+    after = run_eval("test")
+    return FitResult(
+        recipe=recipe,
+        model=adapted,
+        corpus=corpus,
+        train_loss=_history(trainer.state.log_history, "loss"),
+        eval_loss=_history(trainer.state.log_history, "eval_loss"),
+        test_loss_before=before.loss,
+        test_loss_after=after.loss,
+        routing_load=after.routing_load,
+        routing_load_before=before.routing_load,
+        checkpoints=tuple(complete_checkpoints(run_dir)),
+        resumed_from=start_from,
+        steps=int(trainer.state.global_step),
+        tokens=trainer.mixtune_tokens,
+        wall_time_s=wall,
+        peak_memory_bytes=_peak_memory(device),
+        memory=est,
+    )
+
+
+class _MixtuneTrainer(Trainer):
+    """The stock Trainer with mixtune's checkpoints and per-step loss check."""
+
+    def __init__(self, *args: Any, mixtune_adapted: Any, mixtune_keep: int | None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mixtune_adapted = mixtune_adapted
+        self.mixtune_keep = mixtune_keep
+        self.mixtune_tokens = 0
+        self.mixtune_step_loss = 0.0
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        self.mixtune_tokens += (
+            int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        )
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            step = int(self.state.global_step) + 1
+            last = last_complete_checkpoint(Path(str(self.args.output_dir)))
+            kept = (
+                f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            )
+            raise NonFiniteLossError(
+                f"the training loss became {value} at step {step}; {kept}. Lower the "
+                "learning_rate, keep max_grad_norm > 0, or check the data and the adapter's init",
+                step=step,
+            )
+        self.mixtune_step_loss += value
+        return loss
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = Path(str(self.args.output_dir))
+
+        def write_rest(folder: Path) -> None:
+            self._save_optimizer_and_scheduler(str(folder))
+            self._save_scaler(str(folder))
+            self._save_rng_state(str(folder))
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+
+        write_checkpoint(
+            run_dir,
+            int(self.state.global_step),
+            self.mixtune_adapted.lora_state_dict(),
+            write_rest,
+            meta={"format": "mixtune-checkpoint/1"},
+        )
+        prune_checkpoints(run_dir, self.mixtune_keep)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        self.mixtune_adapted.load_lora_state_dict(
+            load_adapter_weights(Path(resume_from_checkpoint))
+        )
+
+
+class _EvalCallback(TrainerCallback):
+    """Validation loss at step 0, every ``every`` steps and at the last step, into the log history."""
+
+    def __init__(self, run: Any, every: int, enabled: bool) -> None:
+        self.run = run
+        self.every = every
+        self.enabled = enabled
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The curve starts at step 0 (the untrained adapter); a resumed run
+        # already carries it in the restored log history.
+        if self.enabled and int(state.global_step) == 0:
+            state.log_history.append({"eval_loss": self.run(), "step": 0})
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = int(state.global_step)
+        if self.enabled and (step % self.every == 0 or step >= state.max_steps):
+            # Stored in the Trainer's log history so checkpoints carry it across resumes.
+            state.log_history.append({"eval_loss": self.run(), "step": step})
+
+
+class _ProgressBar(TrainerCallback):
+    """A tqdm bar with the step's loss, tokens/s and (tqdm's) ETA."""
+
+    def __init__(self, trainer: _MixtuneTrainer, enabled: bool) -> None:
+        self.trainer = trainer
+        self.enabled = enabled
+        self.bar: Any = None
+        self.t0 = 0.0
+        self.tokens0 = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=state.max_steps,
+            initial=state.global_step,
+            desc="fit",
+            unit="step",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+        )
+        self.t0 = time.perf_counter()
+        self.tokens0 = self.trainer.mixtune_tokens
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        loss = self.trainer.mixtune_step_loss
+        self.trainer.mixtune_step_loss = 0.0
+        if self.bar is None:
+            return
+        rate = (self.trainer.mixtune_tokens - self.tokens0) / max(
+            time.perf_counter() - self.t0, 1e-9
+        )
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+        self.bar.update(int(state.global_step) - self.bar.n)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
