@@ -37,3 +37,11 @@ def test_config_error_reports_every_problem_at_once() -> None:
     assert "2 problems" in str(err)
     assert "r must be > 0" in str(err)
     assert "alpha must be > 0" in str(err)
+
+
+def test_top_level_api_exports_the_pipeline() -> None:
+    for name in mixtune.__all__:
+        assert hasattr(mixtune, name), name
+    # The five stages are reachable from the top level.
+    for name in ("ChunkedCorpus", "load_quantized", "AdapterSpec", "Recipe", "publish"):
+        assert name in mixtune.__all__

@@ -3,10 +3,15 @@
 The pipeline, one import each::
 
     load_quantized -> ChunkedCorpus -> AdapterSpec.lora/qlora -> Recipe.fit -> publish
+
+Each stage lives in its own subpackage (:mod:`mixtune.corpus`,
+:mod:`mixtune.model`, :mod:`mixtune.adapter`, :mod:`mixtune.recipe`,
+:mod:`mixtune.publish`); the names most users need are re-exported here.
 """
 
 from __future__ import annotations
 
+from mixtune.adapter import AdaptedModel, AdapterSpec, CoverageReport
 from mixtune.corpus import (
     ChunkedCorpus,
     CorpusDescription,
@@ -33,20 +38,38 @@ from mixtune.errors import (
     TrainingError,
     UnsupportedModelError,
 )
+from mixtune.model import (
+    Census,
+    LoadedModel,
+    QuantSpec,
+    load_quantized,
+    mixtral_8x7b_config,
+    random_checkpoint,
+    tiny_config,
+)
+from mixtune.publish import PublishResult, publish, spec_from_dict, spec_to_dict
+from mixtune.recipe import FitResult, MemoryEstimate, Recipe, RunSettings
 from mixtune.tokenizers import mixtral_v1
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdaptedModel",
     "AdapterError",
+    "AdapterSpec",
+    "Census",
     "CheckpointError",
     "ChunkedCorpus",
     "ConfigError",
     "CorpusDescription",
     "CorpusError",
     "CorpusSpec",
+    "CoverageReport",
     "Document",
     "DocumentError",
+    "FitResult",
+    "LoadedModel",
+    "MemoryEstimate",
     "MixtuneError",
     "ModelLoadError",
     "NonFiniteLossError",
@@ -54,12 +77,23 @@ __all__ = [
     "PreflightError",
     "Provenance",
     "PublishError",
+    "PublishResult",
+    "QuantSpec",
     "QuantizationUnavailableError",
+    "Recipe",
+    "RunSettings",
     "SplitError",
     "TargetNotFoundError",
     "TokenizerError",
     "TrainingError",
     "UnsupportedModelError",
     "__version__",
+    "load_quantized",
+    "mixtral_8x7b_config",
     "mixtral_v1",
+    "publish",
+    "random_checkpoint",
+    "spec_from_dict",
+    "spec_to_dict",
+    "tiny_config",
 ]
