@@ -20,6 +20,7 @@ from mixtune.adapter._lora import (
     LoraLinear,
     LoraRouter,
     StockExperts,
+    is_experts_like,
 )
 from mixtune.adapter._spec import PRESETS, TARGET_NAMES, AdapterSpec
 
@@ -37,4 +38,5 @@ __all__ = [
     "LoraRouter",
     "StockExperts",
     "SupportsModel",
+    "is_experts_like",
 ]

@@ -15,11 +15,11 @@ from mixtune.adapter._coverage import CoverageEntry, CoverageReport
 from mixtune.adapter._lora import (
     EXPERT_PROJECTIONS,
     ExpertProjection,
-    ExpertsLike,
     LoraExperts,
     LoraLinear,
     LoraRouter,
     StockExperts,
+    is_experts_like,
 )
 from mixtune.adapter._spec import AdapterSpec
 from mixtune.errors import AdapterError, TargetNotFoundError, UnsupportedModelError
@@ -111,7 +111,7 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
                 f"layers (0–{n_layers - 1}); fix AdapterSpec.layers"
             )
     is_moe = any(
-        isinstance(getattr(layer.mlp, "experts", None), ExpertsLike)
+        is_experts_like(getattr(layer.mlp, "experts", None))
         or _is_stock_experts(getattr(layer.mlp, "experts", None))
         for layer in layers
         if hasattr(layer, "mlp")
@@ -141,7 +141,7 @@ def _resolve(spec: AdapterSpec, model: nn.Module) -> _Plan:
                         "dense model without experts; use 'gate_proj', 'up_proj', 'down_proj' "
                         "(or the 'mlp' preset) for its MLP"
                     )
-                if isinstance(experts, ExpertsLike) or _is_stock_experts(experts):
+                if is_experts_like(experts) or _is_stock_experts(experts):
                     assert isinstance(experts, nn.Module)
                     hits.append((f"{prefix}.mlp.experts", experts, proj))
             elif target in _FFN_TARGET:
@@ -314,7 +314,7 @@ def apply_spec(
                             projections[proj], path, base, proj, _layer_of(path), spec, adapted=True
                         )
                     )
-            if not isinstance(base, ExpertsLike):
+            if not is_experts_like(base):
                 base = StockExperts(base)
             new = LoraExperts(
                 base,

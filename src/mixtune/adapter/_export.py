@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-from mixtune.adapter._lora import ExpertsLike, LoraExperts, LoraLinear, LoraRouter, StockExperts
+from mixtune.adapter._lora import (
+    ExpertsLike,
+    LoraExperts,
+    LoraLinear,
+    LoraRouter,
+    StockExperts,
+    is_experts_like,
+)
 from mixtune.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -247,14 +254,13 @@ def _emit_experts(
 ) -> None:
     lora = module if isinstance(module, LoraExperts) else None
     base = lora.base if lora is not None else module
-    if not isinstance(base, ExpertsLike):
-        base = StockExperts(base)
-    n_exp, inter = int(base.num_experts), int(base.intermediate_dim)
+    experts = cast(ExpertsLike, base if is_experts_like(base) else StockExperts(base))
+    n_exp, inter = int(experts.num_experts), int(experts.intermediate_dim)
     gate_up: list[Tensor] = []
     down: list[Tensor] = []
     for e in range(n_exp):
-        gu = base.weight("gate_up", e, torch.float32)
-        dn = base.weight("down", e, torch.float32)
+        gu = experts.weight("gate_up", e, torch.float32)
+        dn = experts.weight("down", e, torch.float32)
         if lora is not None:
             for proj, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))):
                 f = lora.factors(proj)  # type: ignore[arg-type]  # literal from the tuple
@@ -287,9 +293,13 @@ def _walk(
     if isinstance(module, (LoraRouter, MixtralTopKRouter)):
         _emit_router(out, prefix, module, dtype, layout)
         return
-    if isinstance(module, (LoraExperts, ExpertsLike)) or (
-        isinstance(getattr(module, "gate_up_proj", None), Tensor)
-        and isinstance(getattr(module, "down_proj", None), Tensor)
+    if (
+        isinstance(module, LoraExperts)
+        or is_experts_like(module)
+        or (
+            isinstance(getattr(module, "gate_up_proj", None), Tensor)
+            and isinstance(getattr(module, "down_proj", None), Tensor)
+        )
     ):
         _emit_experts(out, prefix, module, dtype, layout)
         return

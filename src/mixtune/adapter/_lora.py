@@ -10,7 +10,7 @@ weights per step.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,13 +26,13 @@ __all__ = [
     "LoraLinear",
     "LoraRouter",
     "StockExperts",
+    "is_experts_like",
 ]
 
 ExpertProjection = Literal["gate", "up", "down"]
 EXPERT_PROJECTIONS: tuple[ExpertProjection, ...] = ("gate", "up", "down")
 
 
-@runtime_checkable
 class ExpertsLike(Protocol):
     """What :class:`LoraExperts` needs from a stack of experts.
 
@@ -54,6 +54,25 @@ class ExpertsLike(Protocol):
     ) -> Tensor:
         """A dense ``(out, in)`` copy of one expert's weight."""
         ...
+
+
+_EXPERTS_MEMBERS = ("num_experts", "hidden_dim", "intermediate_dim", "act_fn", "project", "weight")
+
+
+def is_experts_like(obj: object) -> bool:
+    """Whether ``obj`` offers what :class:`ExpertsLike` describes.
+
+    Not ``isinstance(obj, ExpertsLike)``: from Python 3.12 a runtime protocol
+    check looks attributes up statically and misses an ``nn.Module``'s
+    submodules (``act_fn``), so every ``MoEExperts`` would fail it.
+
+    Args:
+        obj: Anything.
+
+    Returns:
+        True if every member is present.
+    """
+    return isinstance(obj, nn.Module) and all(hasattr(obj, m) for m in _EXPERTS_MEMBERS)
 
 
 class StockExperts(nn.Module):
@@ -301,12 +320,13 @@ class LoraExperts(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if not isinstance(base, ExpertsLike):  # pragma: no cover - guarded by the caller
+        if not is_experts_like(base):  # pragma: no cover - guarded by the caller
             raise TypeError(f"{type(base).__name__} is not an experts module")
         self.base = base
-        self.num_experts = int(base.num_experts)
-        self.hidden_dim = int(base.hidden_dim)
-        self.intermediate_dim = int(base.intermediate_dim)
+        experts = cast(ExpertsLike, base)
+        self.num_experts = int(experts.num_experts)
+        self.hidden_dim = int(experts.hidden_dim)
+        self.intermediate_dim = int(experts.intermediate_dim)
         self.r = r
         self.scale = scale
         self.projections = tuple(p for p in EXPERT_PROJECTIONS if p in projections)
@@ -389,7 +409,7 @@ class LoraExperts(nn.Module):
         Returns:
             ``(n, H)`` before the routing weight.
         """
-        base = self.base
+        base = cast(ExpertsLike, self.base)
         gate_up = base.project("gate_up", expert, x)
         gate, up = gate_up.chunk(2, dim=-1)
         d_gate = self._delta("gate", expert, x)
