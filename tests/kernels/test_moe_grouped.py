@@ -170,3 +170,13 @@ def test_grouped_mm_fallback_handles_empty_groups() -> None:
 def test_grouped_forward_backward_match_reference_gpu_mixtral_width() -> None:
     # Mixtral-8x7B expert width on a few hundred tokens: native bf16 grouped_mm.
     _check("cuda", torch.bfloat16, 1e-2, (256, 4096, 14336, 8, 2, 16))
+
+
+def test_misaligned_operands_are_detected() -> None:
+    from mixtune.kernels._moe import _aligned
+
+    a = torch.zeros(4, 16, 4, dtype=torch.bfloat16)  # rank-4 rows: 8-byte strides
+    b = torch.zeros(4, 16, 8, dtype=torch.bfloat16)  # rank-8 rows: 16-byte strides
+    assert not _aligned(a.transpose(1, 2))
+    assert _aligned(b)
+    assert _aligned(b.transpose(1, 2))

@@ -75,9 +75,21 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     Returns:
         ``(N, M)``.
     """
-    if grouped_path_available(x):
-        return F.grouped_mm(x, w.to(x.dtype), offs=offs)
+    w = w.to(x.dtype)
+    if grouped_path_available(x) and _aligned(x) and _aligned(w):
+        return F.grouped_mm(x, w, offs=offs)
     return grouped_mm_reference(x, w, offs)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # The native kernel needs 16-byte aligned strides (e.g. a LoRA rank of 4
+    # in bf16 gives 8-byte rows); such operands take the loop instead.
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(
+        (stride * size) % 16 == 0
+        for stride, n in zip(t.stride(), t.shape, strict=True)
+        if stride != 1 and n > 1
+    )
 
 
 @attrs.frozen
