@@ -76,7 +76,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
         ``(N, M)``.
     """
     w = w.to(x.dtype)
-    if grouped_path_available(x) and _aligned(x) and _aligned(w):
+    # Backward multiplies by the (N, M) output gradient too, so M must give
+    # 16-byte rows as well (a LoRA rank of 4 in bf16 does not).
+    out_rows_ok = (w.shape[-1] * x.element_size()) % 16 == 0
+    if grouped_path_available(x) and out_rows_ok and _aligned(x) and _aligned(w):
         return F.grouped_mm(x, w, offs=offs)
     return grouped_mm_reference(x, w, offs)
 
