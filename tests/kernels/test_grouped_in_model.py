@@ -87,7 +87,33 @@ def test_stacked_weight_matches_per_expert_weights(ckpt: Path) -> None:
             torch.testing.assert_close(stack[e], experts.weight(kind, e), rtol=0, atol=0)
 
 
+def _adapted(path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    loaded = load_quantized(
+        path, quant=QuantSpec.nf4(compute_dtype=dtype), dtype=dtype, device_map=device
+    )
+    spec = AdapterSpec.lora(r=8, alpha=16, dropout=0.0, targets=("experts",))
+    model = spec.apply(loaded, dtype=dtype).model
+    nudge_lora_b(model)
+    return model
+
+
 @pytest.mark.gpu
 @requires_gpu
-def test_grouped_path_equals_loop_gpu(ckpt: Path) -> None:
-    _compare(ckpt, "cuda", torch.bfloat16, 2e-2)
+def test_grouped_path_is_as_accurate_as_loop_gpu(ckpt: Path) -> None:
+    # Two bf16 computations differ from each other by about twice their own
+    # error, so both are measured against the float32 loop instead: the native
+    # grouped GEMM may be no less accurate than the per-expert loop in bf16.
+    ids = torch.randint(3, 32000, (2, 64), device="cuda")
+    truth = _adapted(ckpt, "cuda", torch.float32)
+    _set_grouped(truth, False)
+    want_logits, want_grads = _run(truth, ids)
+    model = _adapted(ckpt, "cuda", torch.bfloat16)
+    _set_grouped(model, False)
+    loop_logits, loop_grads = _run(model, ids)
+    _set_grouped(model, True)
+    got_logits, got_grads = _run(model, ids)
+    budget = 1.5 * relative_error(loop_logits, want_logits) + 1e-3
+    assert relative_error(got_logits, want_logits) <= budget
+    for name, want in want_grads.items():
+        loop_err = relative_error(loop_grads[name], want)
+        assert relative_error(got_grads[name], want) <= 1.5 * loop_err + 1e-3, name
