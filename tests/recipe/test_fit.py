@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -274,3 +275,28 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert set(resumed) == set(expected)
     for k in expected:
         torch.testing.assert_close(resumed[k], expected[k], rtol=0, atol=0)
+
+
+def test_estimate_counts_the_dequantized_expert_stack_on_cuda(tmp_path: Path) -> None:
+    from mixtune.model import QuantSpec, load_quantized, random_checkpoint, tiny_config
+    from mixtune.recipe import estimate_memory
+
+    ckpt = random_checkpoint(tiny_config("mixtral"), tmp_path / "ckpt", dtype=torch.float32)
+    model = load_quantized(ckpt, quant=QuantSpec.nf4(compute_dtype=torch.float32)).model
+    kwargs: dict[str, Any] = {
+        "batch_size": 2,
+        "seq_len": 64,
+        "gradient_checkpointing": True,
+        "optimizer": "adamw_torch",
+        "activation_dtype": torch.bfloat16,
+        "available": 1 << 40,
+    }
+    cpu = estimate_memory(model, device=torch.device("cpu"), **kwargs)
+    cuda = estimate_memory(model, device=torch.device("cuda"), **kwargs)
+    cfg = model.config
+    stack = cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size * 2
+    assert cuda.activations - cpu.activations == stack
+    no_ckpt = {**kwargs, "gradient_checkpointing": False}
+    cpu_all = estimate_memory(model, device=torch.device("cpu"), **no_ckpt)
+    cuda_all = estimate_memory(model, device=torch.device("cuda"), **no_ckpt)
+    assert cuda_all.activations - cpu_all.activations == cfg.num_hidden_layers * stack

@@ -3,7 +3,8 @@
 The estimate adds up what training allocates beyond the loaded weights: the
 LoRA weights with their gradients and optimizer states, the activations kept
 for backward (all layers' without gradient checkpointing, one layer's plus
-each layer's input with it), and the fp32 logits with their gradient, which
+each layer's input with it), on CUDA the dequantized expert stack of the
+layer being computed, and the fp32 logits with their gradient, which
 for a 32k vocabulary are often the largest single tensor. It is deliberately
 coarse (a 10 % margin is added); its job is to turn a certain out-of-memory
 crash after minutes of loading into an error in seconds that says what to
@@ -111,6 +112,19 @@ def estimate_memory(
         activations = layers * tokens * hidden * a + per_layer
     else:
         activations = layers * per_layer
+    # On CUDA the experts run as grouped GEMMs over a layer's dequantized
+    # stack (E × (2I·H + H·I) in the compute dtype): one layer's at a time
+    # under checkpointing, every layer's (kept for backward) without it.
+    stack = max(
+        (
+            int(m.num_experts) * 3 * int(m.hidden_dim) * int(m.intermediate_dim) * a
+            for m in model.modules()
+            if hasattr(m, "stacked_weight") and bool(getattr(m, "is_quantized", False))
+        ),
+        default=0,
+    )
+    if device.type == "cuda":
+        activations += stack if gradient_checkpointing else layers * stack
     logits = 2 * tokens * vocab * 4
     free = free_memory(device) if available is None else available
     return MemoryEstimate(
