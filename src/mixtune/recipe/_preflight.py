@@ -115,14 +115,12 @@ def estimate_memory(
     # On CUDA the experts run as grouped GEMMs over a layer's dequantized
     # stack (E × (2I·H + H·I) in the compute dtype): one layer's at a time
     # under checkpointing, every layer's (kept for backward) without it.
-    stack = max(
-        (
-            int(m.num_experts) * 3 * int(m.hidden_dim) * int(m.intermediate_dim) * a
-            for m in model.modules()
-            if hasattr(m, "stacked_weight") and bool(getattr(m, "is_quantized", False))
-        ),
-        default=0,
-    )
+    stack = 0
+    for module in model.modules():
+        experts: Any = module  # nn.Module attributes are untyped
+        if hasattr(experts, "stacked_weight") and bool(getattr(experts, "is_quantized", False)):
+            size = experts.num_experts * 3 * experts.hidden_dim * experts.intermediate_dim * a
+            stack = max(stack, int(size))
     if device.type == "cuda":
         activations += stack if gradient_checkpointing else layers * stack
     logits = 2 * tokens * vocab * 4
