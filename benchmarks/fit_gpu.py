@@ -20,13 +20,13 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import MixtralConfig
 
 from mixtune.adapter import AdapterSpec
 from mixtune.corpus import ChunkedCorpus
-from mixtune.model import QuantSpec, load_quantized, random_checkpoint
+from mixtune.model import QuantSpec, load_quantized, mixtral_8x7b_config, random_checkpoint
 from mixtune.publish import publish
 from mixtune.recipe import Recipe, RunSettings
 from mixtune.tokenizers import mixtral_v1
@@ -34,20 +34,8 @@ from mixtune.tokenizers import mixtral_v1
 REPO = Path(__file__).resolve().parents[1]
 
 
-def slice_config() -> MixtralConfig:
-    return MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        router_jitter_noise=0.0,
-    )
+def slice_config() -> Any:
+    return mixtral_8x7b_config(2, max_position_embeddings=4096)
 
 
 def main() -> None:

@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import MixtralConfig
 
 from mixtune.adapter import AdapterSpec
 from mixtune.corpus import ChunkedCorpus
-from mixtune.model import QuantSpec, load_quantized, random_checkpoint
+from mixtune.model import QuantSpec, load_quantized, random_checkpoint, tiny_config
 from mixtune.publish import publish
 from mixtune.recipe import Recipe, RunSettings
 from mixtune.tokenizers import mixtral_v1
@@ -63,19 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. A tiny random Mixtral with the real vocabulary, written like a hub checkpoint.
     work = Path(tempfile.mkdtemp(prefix="mixtune-quickstart-"))
-    config = MixtralConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        router_jitter_noise=0.0,
-    )
+    config = tiny_config(max_position_embeddings=1024)
     base = random_checkpoint(config, work / "tiny-mixtral", layout="original", seed=0)
 
     # 2. Load it with 4-bit experts and attention (fp32 compute: CPUs have no fast bf16).

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import MixtralConfig
 
 from mixtune.adapter import AdapterSpec
 from mixtune.corpus import ChunkedCorpus
 from mixtune.model import QuantSpec, load_quantized, random_checkpoint
+from mixtune.model import tiny_config as model_tiny_config
 from mixtune.recipe import FitResult, Recipe, RunSettings
 
 # With lm_head adapted, a random model learns the sample's token statistics in
@@ -27,20 +27,8 @@ TARGETS = ("attention", "experts", "lm_head")
 _ROOT = Path(tempfile.mkdtemp(prefix="mixtune-recipe-tests-"))
 
 
-def tiny_config() -> MixtralConfig:
-    return MixtralConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        router_jitter_noise=0.0,
-    )
+def tiny_config() -> Any:
+    return model_tiny_config(max_position_embeddings=512)
 
 
 @functools.cache

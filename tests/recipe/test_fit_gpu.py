@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import MixtralConfig
 
 from mixtune.adapter import AdapterSpec
 from mixtune.corpus import ChunkedCorpus
-from mixtune.model import QuantSpec, load_quantized, random_checkpoint
+from mixtune.model import QuantSpec, load_quantized, mixtral_8x7b_config, random_checkpoint
 from mixtune.publish import MERGE_TOLERANCE, publish
 from mixtune.recipe import Recipe, RunSettings
 
@@ -24,19 +23,7 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 def test_qlora_30_steps_on_8x7b_width_slice(
     tmp_path: Path, mixtral_tokenizer: Any, arxiv_sample: Path
 ) -> None:
-    config = MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        router_jitter_noise=0.0,
-    )
+    config = mixtral_8x7b_config(2, max_position_embeddings=4096)
     base = random_checkpoint(config, tmp_path / "slice", layout="original", seed=0)
     loaded = load_quantized(
         base, quant=QuantSpec.nf4(), device_map="cuda", tokenizer=mixtral_tokenizer
