@@ -59,7 +59,8 @@ def test_census_has_no_high_precision_experts_or_attention() -> None:
     loaded = random_quantized(tiny_config(vocab_size=512, num_hidden_layers=3), progress=False)
     assert loaded.census().high_precision_bytes(("experts", "attention")) == {}
     for layer in loaded.model.model.layers:
-        assert isinstance(layer.mlp.experts, MoEExperts) and layer.mlp.experts.is_quantized
+        assert isinstance(layer.mlp.experts, MoEExperts)
+        assert layer.mlp.experts.is_quantized
         assert isinstance(layer.self_attn.q_proj, QuantLinear)
     assert not any(p.requires_grad for p in loaded.model.parameters())
     assert not loaded.model.training
@@ -117,10 +118,11 @@ def test_never_holds_more_than_one_expert_in_flight(monkeypatch: pytest.MonkeyPa
 def test_bad_arguments() -> None:
     with pytest.raises(ConfigError) as info:
         random_quantized(tiny_config(), quant="nf4", dtype=torch.int8, progress=False)  # type: ignore[arg-type]
-    assert "quant=" in str(info.value) and "dtype=" in str(info.value)
+    assert "quant=" in str(info.value)
+    assert "dtype=" in str(info.value)
     with pytest.raises(ConfigError, match="seed"):
         random_quantized(tiny_config(), seed=1.5, progress=False)  # type: ignore[arg-type]
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
-        from transformers import GPT2Config
+    from transformers import GPT2Config
 
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
         random_quantized(GPT2Config(), progress=False)

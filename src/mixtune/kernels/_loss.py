@@ -88,7 +88,8 @@ def chunked_causal_lm_loss(
             f"hidden has shape {tuple(hidden.shape)} and labels {tuple(labels.shape)}; "
             "labels must have hidden's shape without the last dimension"
         )
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+    given: object = chunk_tokens  # checked at run time: callers may pass anything
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens!r}: must be a positive int")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: must be 'mean' or 'sum'")

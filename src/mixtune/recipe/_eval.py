@@ -89,9 +89,11 @@ def evaluate(
                 # The decoder body, then the loss chunk by chunk: the whole
                 # batch's logits (GBs at 8 x 1200 tokens) are never built.
                 extra = {"output_router_logits": True} if top_k > 0 else {}
-                out = model.model(**model_inputs(inputs), use_cache=False, **extra)
+                body: Any = model.model
+                out = body(**model_inputs(inputs), use_cache=False, **extra)
+                lm_head: Any = model.lm_head
                 total_loss += chunked_causal_lm_loss(
-                    out.last_hidden_state, model.lm_head, labels, reduction="sum"
+                    out.last_hidden_state, lm_head, labels, reduction="sum"
                 ).to("cpu", torch.float64)
                 total_tokens += int((labels[:, 1:] != -100).sum())
                 router_logits = getattr(out, "router_logits", None)

@@ -95,12 +95,10 @@ def causal_lm_training_loss(
         total = chunked_causal_lm_loss(
             out.last_hidden_state, lm_head, labels, chunk_tokens=chunk_tokens, reduction="sum"
         )
-        divisor = (
-            num_items_in_batch.to(total.device)
-            if isinstance(num_items_in_batch, torch.Tensor)
-            else num_items_in_batch
-        )
-        loss = total / divisor
+        if isinstance(num_items_in_batch, torch.Tensor):
+            loss = total / num_items_in_batch.to(total.device)
+        else:
+            loss = total / num_items_in_batch
     if with_aux:
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -111,5 +109,6 @@ def causal_lm_training_loss(
             int(config.num_experts_per_tok),
             inputs["attention_mask"],
         )
-        loss = loss + coef * aux.to(loss.device)
+        # transformers returns a plain 0 when there were no router logits.
+        loss = loss + coef * (aux.to(loss.device) if isinstance(aux, torch.Tensor) else aux)
     return loss
