@@ -75,6 +75,7 @@ def chunked_causal_lm_loss(
 
     Example:
         >>> import torch
+        >>> from mixtune.kernels import causal_lm_loss_reference, chunked_causal_lm_loss
         >>> head = torch.nn.Linear(8, 50, bias=False)
         >>> hidden = torch.randn(2, 5, 8)
         >>> labels = torch.randint(0, 50, (2, 5))
