@@ -84,3 +84,22 @@ def test_model_inputs_drops_the_mask_of_packed_rows() -> None:
     assert packed["position_ids"] is not None
     assert padded["attention_mask"] is not None
     assert padded["position_ids"] is None
+
+
+def test_preflight_counts_one_chunk_of_logits() -> None:
+    from mixtune.recipe._loss import CHUNK_TOKENS
+    from mixtune.recipe._preflight import estimate_memory
+
+    model = _model(aux=True)
+    est = estimate_memory(
+        model,
+        batch_size=8,
+        seq_len=1200,
+        gradient_checkpointing=True,
+        optimizer="adamw_torch",
+        activation_dtype=torch.float32,
+        device=torch.device("cpu"),
+        available=2**40,
+    )
+    # Not 8 x 1200 tokens' worth: the loss holds one chunk at a time.
+    assert est.logits == 2 * CHUNK_TOKENS * model.config.vocab_size * 4
