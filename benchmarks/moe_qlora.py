@@ -229,7 +229,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
 
     def loss_of() -> torch.Tensor:
         if chunked:
-            from mixtune.recipe._loss import causal_lm_training_loss
+            from mixtune.recipe import causal_lm_training_loss
 
             return causal_lm_training_loss(bare, batch)
         loss: torch.Tensor = model(**batch, use_cache=False).loss

@@ -75,6 +75,10 @@ def causal_lm_training_loss(
 
     Returns:
         The scalar loss (float32).
+
+    Example:
+        >>> loss = causal_lm_training_loss(model, batch)  # doctest: +SKIP
+        >>> loss.backward()  # doctest: +SKIP
     """
     config: Any = model.config
     moe = hasattr(config, "num_local_experts")
