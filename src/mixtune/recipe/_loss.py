@@ -64,7 +64,8 @@ def causal_lm_training_loss(
         model: A transformers ``*ForCausalLM`` (``.model`` is the decoder,
             ``.lm_head`` the output projection; LoRA-wrapped modules are fine).
         batch: ``input_ids``, ``labels`` and optionally ``attention_mask`` /
-            ``position_ids`` (see :func:`model_inputs` for packed rows).
+            ``position_ids`` (packed rows, those with ``position_ids``, run
+            without their mask so attention stays inside each packed chunk).
         num_items_in_batch: As the Trainer passes it under gradient
             accumulation: the cross-entropy is summed and divided by it
             (transformers' ``fixed_cross_entropy``); None for a mean.
