@@ -5,7 +5,14 @@ Arms, each measured in its own subprocess on the same card in one run:
 (a) the guide's recipe on today's stack: ``BitsAndBytesConfig`` nf4 +
     ``prepare_model_for_kbit_training`` + PEFT ``target_parameters``;
 (b) bf16 base + transformers' ``grouped_mm`` experts + PEFT ``target_parameters``;
-(c) mixtune: ``load_quantized`` (4-bit attention and experts) + ``AdapterSpec``.
+(c) mixtune: ``load_quantized`` (4-bit attention and experts) + ``AdapterSpec``,
+    trained with the chunked LM loss (``--chunked-loss``, default on for (c)
+    only): the logits are never materialised for the whole batch.
+
+With more than 2 layers (``--build auto``) arm (c) is built directly in 4
+bits on the device with ``mixtune.model.random_quantized`` (no checkpoint on
+disk, the bf16 model never exists); arms (a) and (b) need a bf16 checkpoint
+and are skipped then. ``--layers 32`` is the full Mixtral-8x7B architecture.
 
 All arms: LoRA r=16 (alpha 32) on q/k/v/o and every expert's gate/up/down,
 non-reentrant gradient checkpointing, paged 8-bit AdamW, random tokens.
@@ -20,6 +27,8 @@ Usage::
 
     python benchmarks/moe_qlora.py --workdir /tmp/slice            # all arms
     python benchmarks/moe_qlora.py --tiny --arms c                  # CPU smoke
+    python benchmarks/moe_qlora.py --layers 32 --arms c --shapes 8x1200 \
+        --real-data-arm "" --steps 3 --warmup 1                      # full 8x7B, one GPU
 """
 
 from __future__ import annotations
@@ -90,7 +99,7 @@ def _peft_config(targets_params: list[str]):  # type: ignore[no-untyped-def]
     )
 
 
-def build_arm(arm: str, path: Path, device: str):  # type: ignore[no-untyped-def]
+def build_arm(arm: str, path: Path, device: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import torch
 
     if arm == "a":
@@ -130,9 +139,20 @@ def build_arm(arm: str, path: Path, device: str):  # type: ignore[no-untyped-def
         from mixtune.adapter import AdapterSpec
         from mixtune.model import QuantSpec, load_quantized
 
-        loaded = load_quantized(
-            path, quant=QuantSpec.nf4(), dtype=torch.bfloat16, device_map=device
-        )
+        if args.build == "direct":
+            from mixtune.model import random_quantized
+
+            loaded = random_quantized(
+                slice_config(args.layers, args.tiny),
+                quant=QuantSpec.nf4(),
+                dtype=torch.bfloat16,
+                device_map=device,
+                seed=0,
+            )
+        else:
+            loaded = load_quantized(
+                path, quant=QuantSpec.nf4(), dtype=torch.bfloat16, device_map=device
+            )
         adapted = AdapterSpec.lora(
             r=16, alpha=32, dropout=0.0, targets=("attention", "experts")
         ).apply(loaded)
@@ -183,7 +203,13 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build_arm(args.arm, Path(args.workdir), device)
+    t_build = time.perf_counter()
+    model = build_arm(args.arm, Path(args.workdir), device, args)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t_build
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
+    build_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     if device == "cuda":
@@ -197,18 +223,29 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
     if args.data != "random":
         batch, real_tokens = corpus_batch(args.data, args.batch, args.seq, device)
 
+    chunked = bool(args.chunked_loss)
+    # PEFT wraps the transformers model; the chunked loss needs it bare.
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def loss_of() -> torch.Tensor:
+        if chunked:
+            from mixtune.recipe import causal_lm_training_loss
+
+            return causal_lm_training_loss(bare, batch)
+        loss: torch.Tensor = model(**batch, use_cache=False).loss
+        return loss
+
     def step() -> float:
-        out = model(**batch, use_cache=False)
-        out.loss.backward()
+        loss = loss_of()
+        loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return float(loss.detach())
 
     for _ in range(args.warmup):
         step()
     # Gradient check: every trainable tensor must have received a gradient.
-    out = model(**batch, use_cache=False)
-    out.loss.backward()
+    loss_of().backward()
     no_grad = [
         n
         for n, p in model.named_parameters()
@@ -235,6 +272,12 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
         "seq": args.seq,
         "tokens_per_s": tok_s,
         "peak_gib": (torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None,
+        "weights_gib": weights_gib,
+        "build_peak_gib": build_peak_gib,
+        "build_s": build_s,
+        "build": args.build if args.arm == "c" else "checkpoint",
+        "layers": model.config.num_hidden_layers,
+        "chunked_loss": chunked,
         "mfu": tok_s * 3 * flops / PEAK_FLOPS,
         "trainable_params": n_trainable,
         "trainable_tensors": len(trainable),
@@ -255,6 +298,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="tiny config for a CPU smoke run")
+    parser.add_argument(
+        "--build",
+        default="auto",
+        choices=["auto", "checkpoint", "direct"],
+        help="arm (c): load a bf16 checkpoint from --workdir, or build directly in 4 bits "
+        "with random_quantized (auto: direct for more than 2 layers; arms a/b are then skipped)",
+    )
+    parser.add_argument(
+        "--chunked-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compute the LM loss in chunks of tokens, never the whole batch's logits "
+        "(default: on for arm c only)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_qlora.json"))
     # internal: one arm in this process
     parser.add_argument("--arm")
@@ -278,12 +335,30 @@ def main() -> None:
     from mixtune.model import random_checkpoint
 
     workdir = Path(args.workdir)
-    if not (workdir / "config.json").exists():
+    build = args.build if args.build != "auto" else ("direct" if args.layers > 2 else "checkpoint")
+    arms = args.arms.split(",")
+    if build == "direct":
+        skipped = [a for a in arms if a != "c"]
+        if skipped:
+            print(
+                f"--layers {args.layers}: arm(s) {', '.join(skipped)} skipped: they load a bf16 "
+                "checkpoint, which this build never writes (pass --build checkpoint to force one)",
+                file=sys.stderr,
+            )
+        arms = [a for a in arms if a == "c"]
+    elif not (workdir / "config.json").exists():
         random_checkpoint(slice_config(args.layers, args.tiny), workdir, layout="fused", seed=0)
+
+    def arm_flags(arm: str) -> list[str]:
+        chunked = args.chunked_loss if args.chunked_loss is not None else arm == "c"
+        flags = ["--layers", str(args.layers), "--build", build]
+        flags.append("--chunked-loss" if chunked else "--no-chunked-loss")
+        return flags + (["--tiny"] if args.tiny else [])
+
     rows = []
     for shape in args.shapes.split(","):
         batch, seq = (int(v) for v in shape.split("x"))
-        for arm in args.arms.split(","):
+        for arm in arms:
             cmd = [
                 sys.executable,
                 __file__,
@@ -299,6 +374,7 @@ def main() -> None:
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                *arm_flags(arm),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -308,7 +384,7 @@ def main() -> None:
                 print(f"arm {arm} {shape} failed:\n{tail}", file=sys.stderr)
             else:
                 rows.append(json.loads(line[len("RESULT ") :]))
-    if args.real_data_arm:
+    if args.real_data_arm and (build == "checkpoint" or args.real_data_arm == "c"):
         batch, seq = (int(v) for v in args.shapes.split(",")[-1].split("x"))
         for layout in ("padded", "packed"):
             cmd = [
@@ -328,6 +404,7 @@ def main() -> None:
                 str(args.warmup),
                 "--data",
                 layout,
+                *arm_flags(args.real_data_arm),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -353,13 +430,14 @@ def main() -> None:
         "transformers": transformers.__version__,
         "layers": args.layers,
         "tiny": args.tiny,
+        "build": build,
     }
     print(
         f"{card} | torch {torch.__version__} | transformers {transformers.__version__} | {meta['date']}"
     )
     print(
         f"{'arm':<4}{'data':<8}{'B×T':>9}{'tok/s':>11}{'real tok/s':>12}{'peak GiB':>10}{'MFU':>7}"
-        f"{'LoRA tensors':>14}{'no grad':>9}"
+        f"{'LoRA tensors':>14}{'no grad':>9}{'chunked':>9}{'build s':>9}{'weights GiB':>13}"
     )
     for r in rows:
         data = r.get("data", "random")
@@ -367,10 +445,13 @@ def main() -> None:
             print(f"{r['arm']:<4}{data:<8}{r['batch']:>4}x{r['seq']:<4}   failed")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        weights = f"{r['weights_gib']:.1f}" if r["weights_gib"] is not None else "-"
         print(
             f"{r['arm']:<4}{data:<8}{r['batch']:>4}x{r['seq']:<4}{r['tokens_per_s']:>11,.0f}"
             f"{r['real_tokens_per_s']:>12,.0f}{peak:>10}{r['mfu']:>7.1%}"
             f"{r['trainable_tensors']:>14}{r['tensors_without_grad']:>9}"
+            f"{'yes' if r['chunked_loss'] else 'no':>9}{r['build_s']:>9.1f}"
+            f"{weights:>13}"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

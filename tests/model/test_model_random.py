@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -106,10 +107,10 @@ def test_generates_one_expert_matrix_at_a_time(
     real = random_module._random
 
     def spy(
-        seed: int, name: str, shape: tuple[int, ...], std: float, dtype: torch.dtype
+        seed: int, name: str, shape: tuple[int, ...], std: float, dtype: torch.dtype, *rest: Any
     ) -> torch.Tensor:
         sizes.append(int(torch.Size(shape).numel()))
-        return real(seed, name, shape, std, dtype)
+        return real(seed, name, shape, std, dtype, *rest)
 
     monkeypatch.setattr(random_module, "_random", spy)
     config = tiny_config(vocab_size=64, intermediate_size=256)

@@ -56,11 +56,12 @@ class _Spy(TrainerCallback):
         self.model = model
         self.settings: list[tuple[object, ...]] = []
         self.input_keys: set[str] = set()
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        # Training runs the decoder body (the loss is chunked over the logits).
+        model.model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):  # type: ignore[no-untyped-def]
         if module.training:
-            self.input_keys |= set(kwargs)
+            self.input_keys |= {k for k, v in kwargs.items() if v is not None}
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         cfg = self.model.config
@@ -80,7 +81,9 @@ def test_fit_lowers_loss_and_reports(tmp_path: Path, layout: str) -> None:
     # While training: no KV cache, router logits on for Mixtral's aux loss (0.02).
     assert spy.settings == [(False, True, 0.02)] * 6
     assert ("position_ids" in spy.input_keys) == (layout == "packed")
-    assert {"input_ids", "attention_mask", "labels"} <= spy.input_keys
+    # Packed rows go without their mask: transformers then masks per chunk.
+    assert ("attention_mask" in spy.input_keys) == (layout == "padded")
+    assert "input_ids" in spy.input_keys
     assert res.steps == 6
     assert [p.step for p in res.eval_loss] == [0, 3, 6]
     assert res.eval_loss[-1].loss < res.eval_loss[0].loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mixtune.kernels._loss import causal_lm_loss_reference, chunked_causal_lm_loss
 from mixtune.kernels._moe import (
     ExpertLoraFactors,
     RoutingPlan,
@@ -15,6 +16,8 @@ from mixtune.kernels._moe import (
 __all__ = [
     "ExpertLoraFactors",
     "RoutingPlan",
+    "causal_lm_loss_reference",
+    "chunked_causal_lm_loss",
     "grouped_mm",
     "grouped_mm_reference",
     "grouped_path_available",

@@ -4,7 +4,8 @@
 Hub) into a transformers model whose experts are :class:`MoEExperts` and whose
 linear layers are :class:`QuantLinear`, as :class:`QuantSpec` says;
 :func:`census` shows where the bytes went; :func:`random_checkpoint` writes
-seeded random checkpoints for tests and benchmarks.
+seeded random checkpoints for tests and benchmarks, and :func:`random_quantized`
+builds such a model directly in 4 bits, without a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mixtune.model._linear import QuantEmbedding, QuantLinear
 from mixtune.model._loader import LoadedModel, iter_expert_modules, load_quantized
 from mixtune.model._quant import Packed4bit, QuantSpec, dequant_linear
 from mixtune.model._random import mixtral_8x7b_config, random_checkpoint, tiny_config
+from mixtune.model._random_quantized import random_quantized
 
 __all__ = [
     "Census",
@@ -32,5 +34,6 @@ __all__ = [
     "load_quantized",
     "mixtral_8x7b_config",
     "random_checkpoint",
+    "random_quantized",
     "tiny_config",
 ]

@@ -243,7 +243,7 @@ def _load_config(folder: Path) -> Any:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {exc}") from exc
 
 
-def _resolve_device(device_map: Any) -> torch.device:
+def resolve_device(device_map: Any) -> torch.device:
     if device_map is None:
         return torch.device("cpu")
     if device_map == "auto":
@@ -316,7 +316,7 @@ def _linear_module(
     )
 
 
-def _build_skeleton(
+def build_skeleton(
     config: Any, quant: QuantSpec, dtype: torch.dtype, device: torch.device
 ) -> tuple[nn.Module, set[str]]:
     """A meta-device model with mixtune modules swapped in; returns it and the load targets."""
@@ -372,7 +372,7 @@ def _build_skeleton(
 
 
 @attrs.define
-class _Loader:
+class Loader:
     model: nn.Module
     device: torch.device
     dtype: torch.dtype
@@ -489,7 +489,7 @@ def _progress(total: int, enabled: bool | None) -> Any:
 
 
 def _stream(
-    loader: _Loader,
+    loader: Loader,
     files: dict[str, Path],
     config: Any,
     quant: QuantSpec,
@@ -542,8 +542,22 @@ class _Readers:
         return self.of(key).read(key, index)
 
 
+def assign_direct(
+    loader: Loader, name: str, tensor: torch.Tensor, tie: bool, quant: QuantSpec
+) -> None:
+    """Assign a non-expert tensor; with tied embeddings also fill ``lm_head``."""
+    loader.assign(name, tensor)
+    if tie and name == "model.embed_tokens.weight":
+        if quant.quantize_lm_head or quant.quantize_embeddings:
+            loader.assign("lm_head.weight", tensor)
+        else:
+            # Tied and both plain: share one tensor, like transformers does.
+            loader.model.lm_head.weight = loader.model.model.embed_tokens.weight  # type: ignore[union-attr]
+            loader.filled.add("lm_head.weight")
+
+
 def _load_group(
-    loader: _Loader,
+    loader: Loader,
     group: dict[str, list[Any]],
     layer: int | None,
     tie: bool,
@@ -552,14 +566,7 @@ def _load_group(
 ) -> None:
     for key, name in group["direct"]:
         tensor = readers.read(key)
-        loader.assign(name, tensor)
-        if tie and name == "model.embed_tokens.weight":
-            if quant.quantize_lm_head or quant.quantize_embeddings:
-                loader.assign("lm_head.weight", tensor)
-            else:
-                # Tied and both plain: share one tensor, like transformers does.
-                loader.model.lm_head.weight = loader.model.model.embed_tokens.weight  # type: ignore[union-attr]
-                loader.filled.add("lm_head.weight")
+        assign_direct(loader, name, tensor, tie, quant)
         del tensor
     if layer is None:
         return  # expert tensors always carry a layer index (see _plan_keys)
@@ -622,6 +629,35 @@ def _verify(model: nn.Module, quant: QuantSpec) -> None:
         )
 
 
+def check_load_args(quant: object, dtype: object) -> None:
+    """Raise one ConfigError listing every problem of ``quant`` and ``dtype``."""
+    problems = []
+    if not isinstance(quant, QuantSpec):
+        problems.append(f"quant={quant!r}: must be a QuantSpec (e.g. QuantSpec.nf4())")
+    if dtype not in _FLOAT_DTYPES:
+        problems.append(f"dtype={dtype!r}: must be torch.bfloat16, torch.float16 or torch.float32")
+    if problems:
+        raise ConfigError(problems)
+
+
+def finish_model(
+    loader: Loader, targets: set[str], config: Any, quant: QuantSpec, source: str
+) -> None:
+    """Check every target was filled, rebuild rotary buffers, freeze, verify the storage."""
+    missing = sorted(targets - loader.filled)
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise ModelLoadError(f"{source} lacks {len(missing)} tensor(s) the config needs: {shown}")
+    model = loader.model
+    _rebuild_meta_buffers(model, config, loader.device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    _verify(model, quant)
+
+
 def load_quantized(
     model_id_or_path: str | os.PathLike[str],
     *,
@@ -673,37 +709,18 @@ def load_quantized(
         >>> loaded = load_quantized(path)  # doctest: +SKIP
         >>> print(loaded.census())  # doctest: +SKIP
     """
-    problems = []
-    given: object = quant  # checked at run time: callers may pass anything
-    if not isinstance(given, QuantSpec):
-        problems.append(f"quant={quant!r}: must be a QuantSpec (e.g. QuantSpec.nf4())")
-    if dtype not in _FLOAT_DTYPES:
-        problems.append(f"dtype={dtype!r}: must be torch.bfloat16, torch.float16 or torch.float32")
-    if problems:
-        raise ConfigError(problems)
-    device = _resolve_device(device_map)
+    check_load_args(quant, dtype)
+    device = resolve_device(device_map)
     folder = _resolve_source(model_id_or_path)
     config = _load_config(folder)
     files = _weight_files(folder)
     require_4bit(quant, device)
     tok = _load_tokenizer(folder, tokenizer)
 
-    model, targets = _build_skeleton(config, quant, dtype, device)
-    loader = _Loader(model, device, dtype)
+    model, targets = build_skeleton(config, quant, dtype, device)
+    loader = Loader(model, device, dtype)
     _stream(loader, files, config, quant, progress)
-    missing = sorted(targets - loader.filled)
-    if missing:
-        shown = ", ".join(missing[:8]) + (
-            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        )
-        raise ModelLoadError(
-            f"the checkpoint in {folder} lacks {len(missing)} tensor(s) the config needs: {shown}"
-        )
-    _rebuild_meta_buffers(model, config, device)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.eval()
-    _verify(model, quant)
+    finish_model(loader, targets, config, quant, f"the checkpoint in {folder}")
     return LoadedModel(
         model=model,
         tokenizer=tok,

@@ -129,14 +129,32 @@ def _seed_for(seed: int, name: str) -> int:
 
 
 def _random(
-    seed: int, name: str, shape: Sequence[int], std: float, dtype: torch.dtype
+    seed: int,
+    name: str,
+    shape: Sequence[int],
+    std: float,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(_seed_for(seed, name))
-    return (torch.randn(*shape, generator=gen) * std).to(dtype)
+    # Drawn where it will live: a CUDA generator fills GPU memory directly
+    # (its stream differs from the CPU one, so the same seed gives other
+    # values on a GPU than on the CPU, but always the same ones per device type).
+    where = torch.device("cpu") if device is None else device
+    gen = torch.Generator(device=where).manual_seed(_seed_for(seed, name))
+    return (torch.randn(*shape, generator=gen, device=where) * std).to(dtype)
 
 
-def _plan(config: Any, layout: Layout, seed: int, dtype: torch.dtype) -> list[list[_TensorPlan]]:
-    """Tensors grouped as [embeddings, layer 0, ..., layer L-1, final norm + lm_head]."""
+def _plan(
+    config: Any,
+    layout: Layout,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> list[list[_TensorPlan]]:
+    """Tensors grouped as [embeddings, layer 0, ..., layer L-1, final norm + lm_head].
+
+    Tensors are generated on ``device`` (default: the CPU).
+    """
     std = float(getattr(config, "initializer_range", 0.02))
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
@@ -149,10 +167,14 @@ def _plan(config: Any, layout: Layout, seed: int, dtype: torch.dtype) -> list[li
     mlp_bias = bool(getattr(config, "mlp_bias", False))
 
     def rand(name: str, shape: tuple[int, ...]) -> _TensorPlan:
-        return _TensorPlan(name, shape, lambda: iter([_random(seed, name, shape, std, dtype)]))
+        return _TensorPlan(
+            name, shape, lambda: iter([_random(seed, name, shape, std, dtype, device)])
+        )
 
     def ones(name: str, shape: tuple[int, ...]) -> _TensorPlan:
-        return _TensorPlan(name, shape, lambda: iter([torch.ones(shape, dtype=dtype)]))
+        return _TensorPlan(
+            name, shape, lambda: iter([torch.ones(shape, dtype=dtype, device=device)])
+        )
 
     groups: list[list[_TensorPlan]] = [[rand("model.embed_tokens.weight", (vocab, hidden))]]
     for layer in range(int(config.num_hidden_layers)):
@@ -171,7 +193,7 @@ def _plan(config: Any, layout: Layout, seed: int, dtype: torch.dtype) -> list[li
             group.append(rand(f"{p}.self_attn.o_proj.bias", (hidden,)))
         group.append(ones(f"{p}.post_attention_layernorm.weight", (hidden,)))
         if moe:
-            group.extend(_expert_plan(config, layout, p, seed, std, dtype))
+            group.extend(_expert_plan(config, layout, p, seed, std, dtype, device))
         else:
             for proj, shape in (
                 ("gate_proj", (inter, hidden)),
@@ -190,7 +212,13 @@ def _plan(config: Any, layout: Layout, seed: int, dtype: torch.dtype) -> list[li
 
 
 def _expert_plan(
-    config: Any, layout: Layout, prefix: str, seed: int, std: float, dtype: torch.dtype
+    config: Any,
+    layout: Layout,
+    prefix: str,
+    seed: int,
+    std: float,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> list[_TensorPlan]:
     hidden = int(config.hidden_size)
     inter = int(config.intermediate_size)
@@ -198,14 +226,14 @@ def _expert_plan(
 
     def piece(expert: int, which: str) -> torch.Tensor:
         shape = (hidden, inter) if which == "down" else (inter, hidden)
-        return _random(seed, f"{prefix}.experts.{expert}.{which}", shape, std, dtype)
+        return _random(seed, f"{prefix}.experts.{expert}.{which}", shape, std, dtype, device)
 
     router_name = "mlp.gate.weight" if layout == "fused" else "block_sparse_moe.gate.weight"
     # The router draws from one canonical name in both layouts.
     router = _TensorPlan(
         f"{prefix}.{router_name}",
         (experts, hidden),
-        lambda: iter([_random(seed, f"{prefix}.router", (experts, hidden), std, dtype)]),
+        lambda: iter([_random(seed, f"{prefix}.router", (experts, hidden), std, dtype, device)]),
     )
     plans = [router]
     if layout == "fused":

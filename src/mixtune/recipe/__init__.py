@@ -4,13 +4,15 @@
 choices (output folder, device, logging) sit in :class:`RunSettings`.
 ``Recipe.fit`` drives the Hugging Face Trainer with mixtune's atomic
 LoRA-only checkpoints, NaN stop and memory pre-flight, and returns a
-:class:`FitResult`.
+:class:`FitResult`; :func:`causal_lm_training_loss` is the loss it trains
+with (the stock ``out.loss`` without the whole batch's logits).
 """
 
 from __future__ import annotations
 
 from mixtune.recipe._checkpoint import complete_checkpoints, last_complete_checkpoint
 from mixtune.recipe._fit import fit
+from mixtune.recipe._loss import causal_lm_training_loss
 from mixtune.recipe._preflight import estimate_memory
 from mixtune.recipe._result import FitResult, LossPoint, MemoryEstimate
 from mixtune.recipe._spec import Recipe, RunSettings
@@ -21,6 +23,7 @@ __all__ = [
     "MemoryEstimate",
     "Recipe",
     "RunSettings",
+    "causal_lm_training_loss",
     "complete_checkpoints",
     "estimate_memory",
     "fit",

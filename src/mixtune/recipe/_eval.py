@@ -14,8 +14,10 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mixtune.kernels import chunked_causal_lm_loss
+from mixtune.recipe._loss import model_inputs
 
 __all__ = ["EvalStats", "evaluate"]
 
@@ -49,9 +51,11 @@ def evaluate(
     """Compute the LM loss and routing load of ``model`` on ``dataset``.
 
     Args:
-        model: A causal LM (Mixtral-style, so it can return router logits).
+        model: A transformers causal LM (``.model`` the decoder, ``.lm_head``
+            the output projection; Mixtral-style ones also give routing load).
         dataset: Rows with ``input_ids``, ``attention_mask``, ``labels`` and
-            optionally ``position_ids``.
+            optionally ``position_ids`` (packed rows: the model then runs
+            without the mask, so attention stays inside each packed chunk).
         batch_size: Rows per forward pass.
         max_rows: Evaluate only the first this many rows.
         device: Where the inputs go.
@@ -82,18 +86,16 @@ def evaluate(
                     if k in rows
                 }
                 labels = torch.as_tensor(rows["labels"], dtype=torch.long, device=device)
-                out = model(
-                    **inputs, use_cache=False, output_router_logits=top_k > 0, return_dict=True
-                )
-                logits = out.logits[:, :-1].float()
-                target = labels[:, 1:]
-                total_loss += F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    target.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
+                # The decoder body, then the loss chunk by chunk: the whole
+                # batch's logits (GBs at 8 x 1200 tokens) are never built.
+                extra = {"output_router_logits": True} if top_k > 0 else {}
+                body: Any = model.model
+                out = body(**model_inputs(inputs), use_cache=False, **extra)
+                lm_head: Any = model.lm_head
+                total_loss += chunked_causal_lm_loss(
+                    out.last_hidden_state, lm_head, labels, reduction="sum"
                 ).to("cpu", torch.float64)
-                total_tokens += int((target != -100).sum())
+                total_tokens += int((labels[:, 1:] != -100).sum())
                 router_logits = getattr(out, "router_logits", None)
                 if top_k and router_logits:
                     mask = inputs["attention_mask"].reshape(-1).bool()

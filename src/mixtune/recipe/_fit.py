@@ -41,6 +41,7 @@ from mixtune.recipe._checkpoint import (
     write_checkpoint,
 )
 from mixtune.recipe._eval import EvalStats, evaluate
+from mixtune.recipe._loss import causal_lm_training_loss, model_inputs
 from mixtune.recipe._preflight import check_preflight, estimate_memory
 from mixtune.recipe._result import FitResult, LossPoint
 from mixtune.recipe._spec import Recipe
@@ -372,6 +373,26 @@ class _MixtuneTrainer(Trainer):
             )
         self.mixtune_step_loss += value
         return loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        # The stock path projects the whole batch to the vocabulary at once
+        # (GBs of logits for 8 x 1200 tokens); the chunked loss gives the
+        # same value. A wrapped model (DDP) must run its own forward so its
+        # gradient hooks fire, so it keeps the stock path.
+        if return_outputs or self.accelerator.unwrap_model(model) is not model:
+            inputs = {**inputs, **model_inputs(inputs)}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return causal_lm_training_loss(
+            model,
+            inputs,
+            num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
+        )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(str(self.args.output_dir))

@@ -4,8 +4,8 @@ The estimate adds up what training allocates beyond the loaded weights: the
 LoRA weights with their gradients and optimizer states, the activations kept
 for backward (all layers' without gradient checkpointing, one layer's plus
 each layer's input with it), on CUDA the dequantized expert stack of the
-layer being computed, and the fp32 logits with their gradient, which
-for a 32k vocabulary are often the largest single tensor. It is deliberately
+layer being computed, and one chunk of fp32 logits with its gradient (the
+loss is computed over chunks of tokens, never the whole batch's logits). It is deliberately
 coarse (a 10 % margin is added); its job is to turn a certain out-of-memory
 crash after minutes of loading into an error in seconds that says what to
 change.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mixtune.errors import PreflightError
+from mixtune.recipe._loss import CHUNK_TOKENS
 from mixtune.recipe._result import MemoryEstimate
 
 __all__ = ["check_preflight", "estimate_memory", "free_memory"]
@@ -123,7 +124,9 @@ def estimate_memory(
             stack = max(stack, int(size))
     if device.type == "cuda":
         activations += stack if gradient_checkpointing else layers * stack
-    logits = 2 * tokens * vocab * 4
+    # The loss is chunked (mixtune.kernels.chunked_causal_lm_loss): one
+    # chunk's fp32 logits and their gradient, never the whole batch's.
+    logits = 2 * min(tokens, CHUNK_TOKENS) * vocab * 4
     free = free_memory(device) if available is None else available
     return MemoryEstimate(
         weights=weights,

@@ -36,7 +36,8 @@ class MemoryEstimate:
             (then the free memory already excludes them).
         trainable: LoRA weights, their gradients and optimizer states.
         activations: Saved activations for one micro-batch.
-        logits: ``B×T×V`` fp32 logits and their gradient.
+        logits: fp32 logits and their gradient of one loss chunk
+            (at most 1,024 tokens × V; the loss never holds the whole batch's).
         available: Free memory of the device (or the injected budget).
         device: ``"cpu"`` or ``"cuda"``.
     """
