@@ -39,9 +39,11 @@ def test_full_width_layers_peak_is_final_size_plus_one_expert() -> None:
     torch.cuda.synchronize()
     final = torch.cuda.memory_allocated() - base
     peak = torch.cuda.max_memory_allocated() - base
-    # One expert's gate_up drawn in float32 halves, cast and concatenated: < 1.5 GB.
+    # Above the final size: one expert's gate_up drawn in float32 plus its
+    # cast copy and bitsandbytes' quantization temporaries (measured 1.67x on
+    # an H200), never a layer (8 experts) or the model.
     one_expert = 2 * config.intermediate_size * config.hidden_size * 4
-    assert peak - final < 1.5 * one_expert
+    assert peak - final < 2 * one_expert
     assert final < 2.1 * GIB  # 2 layers + embeddings/lm_head, as load_quantized gives
     assert loaded.census().high_precision_bytes(("experts", "attention")) == {}
 
