@@ -289,10 +289,8 @@ def fit(
         label_names=["labels"],
         # Every LoRA tensor gets a gradient each step (an expert stack's
         # factors are one tensor, all of whose experts see some token), so
-        # DDP need not search the graph for unused ones; the frozen base has
-        # no buffers that change, so they are not re-broadcast each step.
+        # DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
-        ddp_broadcast_buffers=False,
         # The loss is divided by the tokens of all ranks, so N ranks × batch b
         # train exactly like one process with gradient accumulation N.
         average_tokens_across_devices=True,
