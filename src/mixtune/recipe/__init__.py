@@ -4,12 +4,14 @@
 choices (output folder, device, logging) sit in :class:`RunSettings`.
 ``Recipe.fit`` drives the Hugging Face Trainer with mixtune's atomic
 LoRA-only checkpoints, NaN stop and memory pre-flight, and returns a
-:class:`FitResult`.
+:class:`FitResult`. The same script runs on several GPUs under
+``accelerate launch`` (DDP; see the "Multi-GPU" how-to).
 """
 
 from __future__ import annotations
 
 from mixtune.recipe._checkpoint import complete_checkpoints, last_complete_checkpoint
+from mixtune.recipe._dist import local_device
 from mixtune.recipe._fit import fit
 from mixtune.recipe._preflight import estimate_memory
 from mixtune.recipe._result import FitResult, LossPoint, MemoryEstimate
@@ -25,4 +27,5 @@ __all__ = [
     "estimate_memory",
     "fit",
     "last_complete_checkpoint",
+    "local_device",
 ]

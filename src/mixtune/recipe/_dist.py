@@ -13,7 +13,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "current_world", "fsdp_or_deepspeed_requested"]
+__all__ = ["World", "current_world", "fsdp_or_deepspeed_requested", "local_device"]
 
 
 @attrs.frozen
@@ -102,3 +102,19 @@ def fsdp_or_deepspeed_requested() -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in truthy:
         return "DeepSpeed"
     return None
+
+
+def local_device() -> str:
+    """The device this process should load the model onto.
+
+    Under ``accelerate launch``/``torchrun`` each process drives the GPU of
+    its local rank (``LOCAL_RANK``); a single process uses ``cuda:0``. Without
+    CUDA it is the CPU. Pass it as ``load_quantized(..., device_map=local_device())``
+    so one script runs on one GPU or on several.
+
+    Returns:
+        ``"cuda:<LOCAL_RANK>"`` (``"cuda:0"`` without a launcher) or ``"cpu"``.
+    """
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

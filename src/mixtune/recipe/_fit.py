@@ -49,7 +49,12 @@ from mixtune.recipe._checkpoint import (
     prune_checkpoints,
     write_checkpoint,
 )
-from mixtune.recipe._dist import World, current_world, fsdp_or_deepspeed_requested
+from mixtune.recipe._dist import (
+    World,
+    current_world,
+    fsdp_or_deepspeed_requested,
+    local_device,
+)
 from mixtune.recipe._eval import EvalStats, evaluate
 from mixtune.recipe._preflight import check_preflight, estimate_memory
 from mixtune.recipe._result import FitResult, LossPoint
@@ -222,6 +227,11 @@ def fit(
 
     adapted = _resolve_adapted(model, adapter, recipe.seed)
     hf_model: Any = adapted.model
+    if device.type == "cuda" and device.index is None:
+        # Under a launcher each rank's model sits on its own GPU; memory
+        # checks and peak statistics must look at that one, not at cuda:0.
+        on = next(hf_model.parameters()).device
+        device = on if on.type == "cuda" else torch.device(local_device())
     if not any(p.requires_grad for p in hf_model.parameters()):
         raise TrainingError("the adapted model has no trainable parameters; check the AdapterSpec")
 
