@@ -247,7 +247,13 @@ def main() -> None:
     base_rate = rows[0]["tokens_per_s_per_proc"]
     for row in rows:
         row["scaling_efficiency"] = round(row["tokens_per_s_per_proc"] / base_rate, 4)
-    header = ("procs", "tokens_per_s", "tokens_per_s_per_proc", "scaling_efficiency", "peak_memory_gib")
+    header = (
+        "procs",
+        "tokens_per_s",
+        "tokens_per_s_per_proc",
+        "scaling_efficiency",
+        "peak_memory_gib",
+    )
     print("  ".join(f"{h:>22}" for h in header))
     for row in rows:
         print("  ".join(f"{row[h]!s:>22}" for h in header))

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from mixtune.errors import CheckpointError
+from mixtune.errors import CheckpointError, ConfigError
 from mixtune.recipe import complete_checkpoints
 from tests.recipe import _ddp_worker
 
@@ -118,7 +118,11 @@ def test_ranks_split_the_rows_without_duplicates_or_losses(runs: dict[str, Any])
 @pytest.mark.slow
 def test_rank_zero_writes_checkpoints_with_every_ranks_rng(runs: dict[str, Any]) -> None:
     run = runs["tmp"] / "two"
-    assert [c.name for c in complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert [c.name for c in complete_checkpoints(run)] == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
     for ckpt in complete_checkpoints(run):
         names = {p.name for p in ckpt.iterdir()}
         assert {"rng_state_0.pth", "rng_state_1.pth", "adapter.safetensors"} <= names
@@ -144,3 +148,14 @@ def test_resume_on_another_world_size_is_refused(runs: dict[str, Any]) -> None:
     shutil.copytree(tmp / "two", tmp / "single")
     with pytest.raises(CheckpointError, match="--num_processes 2"):
         _ddp_worker.train(str(tmp / "single"), tmp / "single.json", 2, 2, STEPS + 2, "resume")
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launchers_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match="not support yet") as info:
+        _ddp_worker.train(str(tmp_path / "run"), tmp_path / "r.json", 2, 1, 2, "fresh")
+    assert "multi-gpu" in str(info.value)
+    assert not (tmp_path / "run").exists()

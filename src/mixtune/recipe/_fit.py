@@ -194,6 +194,10 @@ def fit(
 ) -> FitResult:
     """Train the LoRA weights of ``model`` on ``corpus`` following ``recipe``.
 
+    Runs unchanged under ``accelerate launch``/``torchrun`` (DDP): every rank
+    returns the same metrics, only rank 0 writes checkpoints; FSDP and
+    DeepSpeed raise :class:`~mixtune.errors.ConfigError`.
+
     Args:
         recipe: The recipe.
         model: A ``LoadedModel`` (``adapter`` is applied first) or an ``AdaptedModel``.
@@ -209,7 +213,8 @@ def fit(
         ConfigError: If the recipe cannot run here or the inputs do not fit together.
         PreflightError: If the run would not fit in memory.
         NonFiniteLossError: If the loss became NaN or infinite (checkpoints stay).
-        CheckpointError: If ``output_dir`` holds checkpoints and ``resume`` is False.
+        CheckpointError: If ``output_dir`` holds checkpoints and ``resume`` is False,
+            or the checkpoint to resume was written by another number of processes.
     """
     from transformers import TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -227,7 +232,9 @@ def fit(
 
     adapted = _resolve_adapted(model, adapter, recipe.seed)
     hf_model: Any = adapted.model
-    if device.type == "cuda" and device.index is None:
+    # torch's stubs type the index as int; it is None for a bare "cuda".
+    index: int | None = device.index
+    if device.type == "cuda" and index is None:
         # Under a launcher each rank's model sits on its own GPU; memory
         # checks and peak statistics must look at that one, not at cuda:0.
         on = next(hf_model.parameters()).device
