@@ -76,7 +76,7 @@ def tiny_config() -> MixtralConfig:
 
 
 class _Clock(TrainerCallback):
-    """Wall time from the end of step ``warmup`` to the end of the last step."""
+    """Wall time and this rank's tokens from the end of step ``warmup`` to the last step."""
 
     def __init__(self, warmup: int, cuda: bool) -> None:
         self.warmup = warmup
@@ -84,6 +84,15 @@ class _Clock(TrainerCallback):
         self.t_start: float | None = None
         self.t_end: float | None = None
         self.steps = 0
+        self.tokens = 0
+        self.pending = 0
+
+    def watch(self, model: torch.nn.Module) -> None:
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: Any, kwargs: Any) -> None:
+        if module.training and "attention_mask" in kwargs:
+            self.pending += int(kwargs["attention_mask"].sum())
 
     def _now(self) -> float:
         if self.cuda:
@@ -97,6 +106,8 @@ class _Clock(TrainerCallback):
         elif step > self.warmup:
             self.t_end = self._now()
             self.steps = step - self.warmup
+            self.tokens += self.pending
+        self.pending = 0
 
 
 def _sample() -> Path:
@@ -146,21 +157,26 @@ def worker(args: argparse.Namespace) -> None:
             callbacks=(clock,),
         ),
     )
-    adapter = AdapterSpec.qlora(targets=("attention", "experts", "lm_head"))
-    result = recipe.fit(loaded, corpus, adapter)
+    adapted = AdapterSpec.qlora(targets=("attention", "experts", "lm_head")).apply(loaded)
+    clock.watch(adapted.model)
+    result = recipe.fit(adapted, corpus)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens = clock.tokens
+    if torch.distributed.is_initialized():
+        t = torch.tensor([tokens], device=local_device() if cuda else "cpu")
+        torch.distributed.all_reduce(t)
+        tokens = int(t.item())
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if clock.t_start is None or clock.t_end is None:
         raise SystemExit(f"--steps must exceed --warmup ({args.warmup})")
-    # Packed rows are full: every micro-batch of every rank has b × L tokens.
-    tokens = clock.steps * world * args.batch_size * args.grad_accum * args.max_length
     tok_s = tokens / (clock.t_end - clock.t_start)
     row = {
         "procs": world,
         "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_per_proc": round(tok_s / world, 1),
         "timed_steps": clock.steps,
+        "timed_tokens": tokens,
         "fit_tokens_per_s": round(result.tokens_per_s, 1),
         "fit_tokens": result.tokens,
         "steps": result.steps,

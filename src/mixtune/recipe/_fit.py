@@ -130,6 +130,21 @@ def _sharded_refusal(name: str) -> str:
     )
 
 
+def _keep_frozen_out_of_ddp(model: nn.Module) -> None:
+    """Tell DDP to leave the frozen base weights and the buffers alone.
+
+    Every rank loads the same checkpoint and quantizes it the same way, and
+    nothing changes them in training, so DDP's start-up broadcast of them
+    (the whole 4-bit model) and its per-forward buffer broadcast would only
+    cost time. The LoRA weights, identical by seed, are still broadcast and
+    their gradients all-reduced. DDP reads this attribute when it wraps the
+    model.
+    """
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    buffers = [name for name, _ in model.named_buffers()]
+    model._ddp_params_and_buffers_to_ignore = frozen + buffers  # type: ignore[assignment]
+
+
 def _is_quantized(model: nn.Module) -> bool:
     return any(
         getattr(m, "is_quantized", False) is True
@@ -362,6 +377,8 @@ def fit(
         torch.cuda.reset_peak_memory_stats(device)
     before = run_eval("test")
 
+    if world.size > 1:
+        _keep_frozen_out_of_ddp(hf_model)
     cfg.use_cache = False
     cfg.output_router_logits = recipe.router_aux_loss_coef > 0
     if saved_coef is not None:
