@@ -1,6 +1,10 @@
 """DDP test body: train the toy (dropout off) and save what the run did as JSON.
 
-Usage: python _ddp_worker.py OUTPUT_DIR RESULT_JSON BATCH_SIZE GRAD_ACCUM MAX_STEPS {fresh,resume}
+Usage: python _ddp_worker.py OUTPUT_DIR RESULT_JSON BATCH_SIZE GRAD_ACCUM MAX_STEPS MODE
+
+MODE is ``fresh``, ``resume``, or ``nan``: the last rank's LoRA weight turns
+NaN before step 3 and every rank writes the error it stopped with to
+``RESULT_JSON.error-<rank>``.
 
 Run under ``torchrun`` (gloo on CPU), or call :func:`train` in-process for the
 one-process reference. Rank 0 writes RESULT_JSON (per-step training loss,
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 from transformers import TrainerCallback
 
+from mixtune.errors import NonFiniteLossError
 from mixtune.recipe import Recipe, RunSettings
 from tests.recipe.toy import ToyCorpus, toy_adapted
 
@@ -38,6 +43,18 @@ class RowSpy(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.path.write_text(json.dumps(self.rows))
+
+
+class PoisonLastRank(TrainerCallback):
+    """Writes NaN into one LoRA weight of the last rank before step 3."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step + 1 == 3 and args.process_index == args.world_size - 1:
+            with torch.no_grad():
+                self.model.model.layers[0].self_attn.q_proj.lora_A.fill_(float("nan"))
 
 
 def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str) -> None:
@@ -60,8 +77,18 @@ def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str)
         logging_steps=1,
         gradient_checkpointing=False,
         layout="padded",
-        run=RunSettings(output_dir=out, progress=False, callbacks=(spy,)),
+        run=RunSettings(
+            output_dir=out,
+            progress=False,
+            callbacks=(spy, PoisonLastRank(adapted.model)) if mode == "nan" else (spy,),
+        ),
     )
+    if mode == "nan":
+        try:
+            recipe.fit(adapted, ToyCorpus(rows=40))
+        except NonFiniteLossError as exc:
+            Path(f"{result}.error-{rank}").write_text(json.dumps([exc.step, str(exc)]))
+        return
     res = recipe.fit(adapted, ToyCorpus(rows=40), resume=mode == "resume")
     if rank == 0:
         result.write_text(

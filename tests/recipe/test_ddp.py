@@ -35,7 +35,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(out: Path, result: Path, mode: str) -> dict[str, Any]:
+def _torchrun(out: Path, result: Path, mode: str) -> dict[str, Any] | None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
@@ -59,7 +59,7 @@ def _torchrun(out: Path, result: Path, mode: str) -> dict[str, Any]:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(json.loads(result.read_text()))
+    return dict(json.loads(result.read_text())) if result.exists() else None
 
 
 def _rows(result: Path, ranks: int) -> list[list[int]]:
@@ -70,6 +70,7 @@ def _rows(result: Path, ranks: int) -> list[list[int]]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("ddp")
     two = _torchrun(tmp / "two", tmp / "two.json", "fresh")
+    assert two is not None
     _ddp_worker.train(str(tmp / "one"), tmp / "one.json", 2, 2, STEPS, "fresh")
     one = json.loads((tmp / "one.json").read_text())
     return {"tmp": tmp, "two": two, "one": one}
@@ -137,6 +138,7 @@ def test_resume_on_two_ranks_matches_the_uninterrupted_run(runs: dict[str, Any])
     shutil.copytree(tmp / "two", tmp / "again")
     shutil.rmtree(tmp / "again" / "checkpoint-6")
     again = _torchrun(tmp / "again", tmp / "again.json", "resume")
+    assert again is not None
     assert again["steps"] == STEPS
     # The resumed run logs steps 5 and 6 on top of the restored history.
     _assert_same_run(again, runs["two"])
@@ -159,3 +161,13 @@ def test_sharded_launchers_are_refused(
         _ddp_worker.train(str(tmp_path / "run"), tmp_path / "r.json", 2, 1, 2, "fresh")
     assert "multi-gpu" in str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path: Path) -> None:
+    _torchrun(tmp_path / "run", tmp_path / "nan.json", "nan")
+    for rank in (0, 1):
+        step, message = json.loads(Path(f"{tmp_path / 'nan.json'}.error-{rank}").read_text())
+        assert step == 3
+        assert "checkpoint-2" in message
+    assert [c.name for c in complete_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
