@@ -254,7 +254,15 @@ def main() -> None:
             f"--eval-rows={args.eval_rows}",
             *(["--cpu"] if args.cpu else []),
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {
+            "OMP_NUM_THREADS": "1",
+            # No NVLink multicast (NVLS): DDP's all-reduce does not need it,
+            # and shared GPU hosts may forbid it.
+            "NCCL_NVLS_ENABLE": "0",
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1",
+            **os.environ,
+        }
         t1 = time.perf_counter()
         subprocess.run(cmd, env=env, check=True)
         print(f"{n} process(es): {time.perf_counter() - t1:.1f} s", flush=True)
