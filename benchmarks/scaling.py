@@ -38,41 +38,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import MixtralConfig, TrainerCallback
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def slice_config() -> MixtralConfig:
-    return MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        router_jitter_noise=0.0,
-    )
+def slice_config() -> Any:
+    from mixtune.model import mixtral_8x7b_config
+
+    return mixtral_8x7b_config(2, max_position_embeddings=4096, router_jitter_noise=0.0)
 
 
-def tiny_config() -> MixtralConfig:
-    return MixtralConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        router_jitter_noise=0.0,
-    )
+def tiny_model_config() -> Any:
+    from mixtune.model import tiny_config
+
+    return tiny_config(max_position_embeddings=512, router_jitter_noise=0.0)
 
 
 class _Clock(TrainerCallback):
@@ -225,7 +205,7 @@ def main() -> None:
             raise SystemExit(f"--procs {args.procs} needs {max(procs)} GPUs")
     work = Path(tempfile.mkdtemp(prefix="mixtune-scaling-"))
     t0 = time.perf_counter()
-    config = tiny_config() if args.tiny else slice_config()
+    config = tiny_model_config() if args.tiny else slice_config()
     dtype = torch.float32 if args.cpu else torch.bfloat16
     base = random_checkpoint(config, work / "base", layout="original", seed=0, dtype=dtype)
     write_s = time.perf_counter() - t0
