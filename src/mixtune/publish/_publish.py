@@ -33,6 +33,9 @@ class PublishResult:
         merge_error: Relative RMS logit difference merged vs adapter model.
         plot_note: Why no loss-curve PNG was written (``None`` if it was).
         repo_url: The Hub repository, if uploaded.
+        skipped_rank: Set (to this process' rank) when this process is not
+            rank 0 of a ``torch.distributed`` run and so wrote nothing: under
+            ``accelerate launch`` only rank 0 publishes.
     """
 
     dest: Path
@@ -41,6 +44,14 @@ class PublishResult:
     merge_error: float | None = None
     plot_note: str | None = None
     repo_url: str | None = None
+    skipped_rank: int | None = None
+
+
+def _distributed_rank() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
 
 
 def _loaded(adapted: Any) -> Any:
@@ -141,6 +152,11 @@ def publish(
     Everything is written to a hidden sibling folder first and renamed into
     place, so ``dest`` is never left half-written.
 
+    Under ``torch.distributed`` (``accelerate launch``/``torchrun``) only
+    global rank 0 publishes; every other rank returns at once a result with
+    ``files=()`` and ``skipped_rank`` set, so the same script runs on every
+    rank. Rank 0 does not wait for the others, nor they for it.
+
     Args:
         result: The ``FitResult`` of :meth:`mixtune.recipe.Recipe.fit`.
         dest: The folder to create.
@@ -163,6 +179,11 @@ def publish(
             writing or uploading fails.
     """
     dest = Path(dest)
+    rank = _distributed_rank()
+    if rank != 0:
+        # Rank 0 holds the same weights (DDP keeps them identical); a second
+        # writer would race it for the same folder and Hub repository.
+        return PublishResult(dest=dest, files=(), skipped_rank=rank)
     if push_to_hub and not repo_id:
         raise PublishError('push_to_hub=True needs repo_id="user/name"')
     if dest.exists() and not dest.is_dir():

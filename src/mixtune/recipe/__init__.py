@@ -5,12 +5,15 @@ choices (output folder, device, logging) sit in :class:`RunSettings`.
 ``Recipe.fit`` drives the Hugging Face Trainer with mixtune's atomic
 LoRA-only checkpoints, NaN stop and memory pre-flight, and returns a
 :class:`FitResult`; :func:`causal_lm_training_loss` is the loss it trains
-with (the stock ``out.loss`` without the whole batch's logits).
+with (the stock ``out.loss`` without the whole batch's logits). The same
+script runs on several GPUs under ``accelerate launch`` (DDP; see the
+"Multi-GPU" how-to).
 """
 
 from __future__ import annotations
 
 from mixtune.recipe._checkpoint import complete_checkpoints, last_complete_checkpoint
+from mixtune.recipe._dist import local_device
 from mixtune.recipe._fit import fit
 from mixtune.recipe._loss import causal_lm_training_loss
 from mixtune.recipe._preflight import estimate_memory
@@ -28,4 +31,5 @@ __all__ = [
     "estimate_memory",
     "fit",
     "last_complete_checkpoint",
+    "local_device",
 ]

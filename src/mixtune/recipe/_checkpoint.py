@@ -26,9 +26,11 @@ from mixtune.errors import CheckpointError
 __all__ = [
     "ADAPTER_FILE",
     "COMPLETE_MARKER",
+    "checkpoint_world_size",
     "complete_checkpoints",
     "last_complete_checkpoint",
     "load_adapter_weights",
+    "partial_checkpoint_dir",
     "write_checkpoint",
 ]
 
@@ -58,6 +60,37 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def partial_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The hidden folder ``checkpoint-<step>`` is written in before the rename.
+
+    Args:
+        run_dir: The run's output folder.
+        step: The optimizer step.
+
+    Returns:
+        ``run_dir/.checkpoint-<step>.partial``.
+    """
+    return run_dir / f".checkpoint-{step}.partial"
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many processes trained the run that wrote ``checkpoint``.
+
+    Args:
+        checkpoint: A ``checkpoint-<step>`` folder.
+
+    Returns:
+        The recorded ``world_size`` (1 for checkpoints written before it was recorded).
+    """
+    path = checkpoint / "mixtune_checkpoint.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 1
+    size = meta.get("world_size", 1) if isinstance(meta, dict) else 1
+    return size if isinstance(size, int) and size >= 1 else 1
+
+
 def write_checkpoint(
     run_dir: Path,
     step: int,
@@ -81,7 +114,7 @@ def write_checkpoint(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.partial"
+    tmp = partial_checkpoint_dir(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -5,6 +5,11 @@ router's auxiliary loss; perplexity needs the plain language-model loss, and
 routing statistics need the router logits, so evaluation is done here. It
 batches rows by slicing (no DataLoader, whose iterator draws from the global
 RNG and would change the training run it is called from).
+
+Under DDP every rank evaluates the rows ``rank, rank + N, rank + 2N, ...``
+(no padding, so no row counts twice and none is skipped) and the summed
+loss, token and routing counts are all-reduced, so every rank returns the
+same numbers a single process would (up to float summation order).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from mixtune.kernels import chunked_causal_lm_loss
+from mixtune.recipe._dist import World
 from mixtune.recipe._loss import model_inputs
 
 __all__ = ["EvalStats", "evaluate"]
@@ -47,6 +53,7 @@ def evaluate(
     max_rows: int | None = None,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    world: World | None = None,
 ) -> EvalStats:
     """Compute the LM loss and routing load of ``model`` on ``dataset``.
 
@@ -60,17 +67,27 @@ def evaluate(
         max_rows: Evaluate only the first this many rows.
         device: Where the inputs go.
         autocast_dtype: Autocast dtype (bf16 on CUDA), or ``None``.
+        world: The process group; each rank evaluates its share of the rows
+            and the totals are summed over ranks (``None``: one process).
 
     Returns:
-        The :class:`EvalStats`.
+        The :class:`EvalStats` (the same on every rank).
     """
+    world = world if world is not None else World()
     n = len(dataset) if max_rows is None else min(len(dataset), max_rows)
-    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
+    mine = list(range(world.rank, n, world.size))
+    cfg = model.config
+    top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+    num_experts = int(getattr(cfg, "num_local_experts", 0) or 0)
+    num_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    # Fixed (layers, experts) shape from the config, so a rank with no rows
+    # still joins the all-reduce with a tensor of the right size.
+    counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+    route = top_k > 0 and num_experts > 0
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64)
     total_tokens = 0
-    counts: list[torch.Tensor] = []
     ctx: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -78,8 +95,8 @@ def evaluate(
     )
     try:
         with torch.no_grad(), ctx:
-            for start in range(0, n, batch_size):
-                rows = dataset[start : min(start + batch_size, n)]
+            for start in range(0, len(mine), batch_size):
+                rows = dataset[mine[start : start + batch_size]]
                 inputs = {
                     k: torch.as_tensor(rows[k], dtype=torch.long, device=device)
                     for k in _COLUMNS
@@ -88,7 +105,7 @@ def evaluate(
                 labels = torch.as_tensor(rows["labels"], dtype=torch.long, device=device)
                 # The decoder body, then the loss chunk by chunk: the whole
                 # batch's logits (GBs at 8 x 1200 tokens) are never built.
-                extra = {"output_router_logits": True} if top_k > 0 else {}
+                extra = {"output_router_logits": True} if route else {}
                 body: Any = model.model
                 out = body(**model_inputs(inputs), use_cache=False, **extra)
                 lm_head: Any = model.lm_head
@@ -97,17 +114,17 @@ def evaluate(
                 ).to("cpu", torch.float64)
                 total_tokens += int((labels[:, 1:] != -100).sum())
                 router_logits = getattr(out, "router_logits", None)
-                if top_k and router_logits:
+                if route and router_logits:
                     mask = inputs["attention_mask"].reshape(-1).bool()
-                    for layer, rl in enumerate(router_logits):
+                    for layer, rl in enumerate(router_logits[:num_layers]):
                         chosen = rl[mask].topk(top_k, dim=-1).indices.reshape(-1)
-                        c = torch.bincount(chosen, minlength=rl.shape[-1]).to("cpu", torch.float64)
-                        if layer == len(counts):
-                            counts.append(c)
-                        else:
-                            counts[layer] += c
+                        c = torch.bincount(chosen, minlength=num_experts)[:num_experts]
+                        counts[layer] += c.to("cpu", torch.float64)
     finally:
         model.train(was_training)
-    loss = float(total_loss / max(total_tokens, 1))
+    summed = world.sum([float(total_loss), float(total_tokens), *counts.reshape(-1).tolist()])
+    total_tokens = round(summed[1])
+    counts = torch.tensor(summed[2:], dtype=torch.float64).reshape(counts.shape)
+    loss = summed[0] / max(total_tokens, 1)
     load = tuple(tuple(float(x) for x in c / c.sum()) for c in counts if c.sum() > 0)
     return EvalStats(loss=loss, tokens=total_tokens, routing_load=load)

@@ -12,6 +12,13 @@ points of a subclass:
   run at once with the step named, before it could be saved;
 - evaluation is mixtune's own (plain LM loss and routing load).
 
+Under ``accelerate launch``/``torchrun`` the Trainer wraps the model in DDP
+and shards the training batches by rank; mixtune's own parts are made
+rank-aware: rank 0 alone writes checkpoints (every rank adds its RNG state
+first), evaluation splits the rows between ranks and all-reduces the sums,
+the NaN check and the token count use the loss and tokens of all ranks, so
+every rank stops at the same step. FSDP and DeepSpeed are refused.
+
 The Trainer refuses to train "purely quantized" models that are not PEFT
 models, but it recognises them only by transformers' ``hf_quantizer``/
 ``is_quantized`` markers, which ``load_quantized`` does not set (mixtune
@@ -34,11 +41,19 @@ from transformers import Trainer, TrainerCallback
 
 from mixtune.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingError
 from mixtune.recipe._checkpoint import (
+    checkpoint_world_size,
     complete_checkpoints,
     last_complete_checkpoint,
     load_adapter_weights,
+    partial_checkpoint_dir,
     prune_checkpoints,
     write_checkpoint,
+)
+from mixtune.recipe._dist import (
+    World,
+    current_world,
+    fsdp_or_deepspeed_requested,
+    local_device,
 )
 from mixtune.recipe._eval import EvalStats, evaluate
 from mixtune.recipe._loss import causal_lm_training_loss, model_inputs
@@ -79,6 +94,9 @@ def _resolve_device(recipe: Recipe) -> torch.device:
 def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
     """Resolve optimizer and precision for the device; report impossible choices."""
     problems = []
+    sharded = fsdp_or_deepspeed_requested()
+    if sharded is not None:
+        problems.append(_sharded_refusal(sharded))
     optim = recipe.optimizer
     if optim == "auto":
         optim = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
@@ -102,6 +120,30 @@ def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
     if problems:
         raise ConfigError(problems)
     return optim, precision == "bf16"
+
+
+def _sharded_refusal(name: str) -> str:
+    return (
+        f"the launcher asks for {name}, which Recipe.fit does not support yet: each rank must "
+        "hold the whole 4-bit model. Launch plain DDP instead (accelerate launch "
+        "--num_processes N, without --use_fsdp/--use_deepspeed or an accelerate config that "
+        "selects them); see docs/howto/multi-gpu.md"
+    )
+
+
+def _keep_frozen_out_of_ddp(model: nn.Module) -> None:
+    """Tell DDP to leave the frozen base weights and the buffers alone.
+
+    Every rank loads the same checkpoint and quantizes it the same way, and
+    nothing changes them in training, so DDP's start-up broadcast of them
+    (the whole 4-bit model) and its per-forward buffer broadcast would only
+    cost time. The LoRA weights, identical by seed, are still broadcast and
+    their gradients all-reduced. DDP reads this attribute when it wraps the
+    model.
+    """
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    buffers = [name for name, _ in model.named_buffers()]
+    model._ddp_params_and_buffers_to_ignore = frozen + buffers  # type: ignore[assignment]
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -168,6 +210,10 @@ def fit(
 ) -> FitResult:
     """Train the LoRA weights of ``model`` on ``corpus`` following ``recipe``.
 
+    Runs unchanged under ``accelerate launch``/``torchrun`` (DDP): every rank
+    returns the same metrics, only rank 0 writes checkpoints; FSDP and
+    DeepSpeed raise :class:`~mixtune.errors.ConfigError`.
+
     Args:
         recipe: The recipe.
         model: A ``LoadedModel`` (``adapter`` is applied first) or an ``AdaptedModel``.
@@ -183,7 +229,8 @@ def fit(
         ConfigError: If the recipe cannot run here or the inputs do not fit together.
         PreflightError: If the run would not fit in memory.
         NonFiniteLossError: If the loss became NaN or infinite (checkpoints stay).
-        CheckpointError: If ``output_dir`` holds checkpoints and ``resume`` is False.
+        CheckpointError: If ``output_dir`` holds checkpoints and ``resume`` is False,
+            or the checkpoint to resume was written by another number of processes.
     """
     from transformers import TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -201,6 +248,13 @@ def fit(
 
     adapted = _resolve_adapted(model, adapter, recipe.seed)
     hf_model: Any = adapted.model
+    # torch's stubs type the index as int; it is None for a bare "cuda".
+    index: int | None = device.index
+    if device.type == "cuda" and index is None:
+        # Under a launcher each rank's model sits on its own GPU; memory
+        # checks and peak statistics must look at that one, not at cuda:0.
+        on = next(hf_model.parameters()).device
+        device = on if on.type == "cuda" else torch.device(local_device())
     if not any(p.requires_grad for p in hf_model.parameters()):
         raise TrainingError("the adapted model has no trainable parameters; check the AdapterSpec")
 
@@ -237,20 +291,6 @@ def fit(
     model_device = next(hf_model.parameters()).device
     autocast = torch.bfloat16 if bf16 else None
 
-    def run_eval(split: str) -> EvalStats:
-        return evaluate(
-            hf_model,
-            datasets[split],
-            batch_size=recipe.batch_size,
-            max_rows=recipe.eval_rows,
-            device=model_device if model_device.type == device.type else device,
-            autocast_dtype=autocast,
-        )
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    before = run_eval("test")
-
     args = TrainingArguments(
         output_dir=str(run_dir),
         num_train_epochs=recipe.epochs,
@@ -280,7 +320,35 @@ def fit(
         disable_tqdm=True,
         dataloader_num_workers=0,
         label_names=["labels"],
+        # Every LoRA tensor gets a gradient each step (an expert stack's
+        # factors are one tensor, all of whose experts see some token), so
+        # DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
+        # The loss is divided by the tokens of all ranks, so N ranks × batch b
+        # train exactly like one process with gradient accumulation N.
+        average_tokens_across_devices=True,
     )
+    # Reading args.device sets up the process group under a launcher.
+    world = current_world(args.device)
+    if start_from is not None:
+        saved_world = checkpoint_world_size(start_from)
+        if saved_world != world.size:
+            raise CheckpointError(
+                f"{start_from} was written by a run on {saved_world} process(es) but this one "
+                f"has {world.size}: the data order and RNG states only continue on the same "
+                f"number of processes; relaunch with --num_processes {saved_world}"
+            )
+
+    def run_eval(split: str) -> EvalStats:
+        return evaluate(
+            hf_model,
+            datasets[split],
+            batch_size=recipe.batch_size,
+            max_rows=recipe.eval_rows,
+            device=model_device if model_device.type == device.type else device,
+            autocast_dtype=autocast,
+            world=world,
+        )
 
     trainer = _MixtuneTrainer(
         model=hf_model,
@@ -290,7 +358,12 @@ def fit(
         callbacks=list(recipe.run.callbacks),
         mixtune_adapted=adapted,
         mixtune_keep=recipe.run.save_total_limit,
+        mixtune_world=world,
     )
+    for name, flag in (("FSDP", "is_fsdp_enabled"), ("DeepSpeed", "is_deepspeed_enabled")):
+        # An accelerate config file can select these without the variables.
+        if getattr(trainer, flag, False):
+            raise ConfigError(_sharded_refusal(name))
     # mixtune draws its own bar (loss, tokens/s, ETA); the stock printers go.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -299,8 +372,14 @@ def fit(
             lambda: run_eval("validation").loss, recipe.eval_steps, len(datasets["validation"]) > 0
         )
     )
-    trainer.add_callback(_ProgressBar(trainer, recipe.run.progress))
+    trainer.add_callback(_ProgressBar(trainer, recipe.run.progress and world.is_main))
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = run_eval("test")
+
+    if world.size > 1:
+        _keep_frozen_out_of_ddp(hf_model)
     cfg.use_cache = False
     cfg.output_router_logits = recipe.router_aux_loss_coef > 0
     if saved_coef is not None:
@@ -318,6 +397,9 @@ def fit(
         hf_model.eval()
 
     after = run_eval("test")
+    # Rank 0 may still be renaming the last checkpoint; list it once it has.
+    world.barrier()
+    checkpoints = complete_checkpoints(run_dir)
     return FitResult(
         recipe=recipe,
         model=adapted,
@@ -328,12 +410,12 @@ def fit(
         test_loss_after=after.loss,
         routing_load=after.routing_load,
         routing_load_before=before.routing_load,
-        checkpoints=tuple(complete_checkpoints(run_dir)),
+        checkpoints=tuple(checkpoints),
         resumed_from=start_from,
         steps=int(trainer.state.global_step),
         tokens=trainer.mixtune_tokens,
         wall_time_s=wall,
-        peak_memory_bytes=_peak_memory(device),
+        peak_memory_bytes=world.max(_peak_memory(device)),
         memory=est,
     )
 
@@ -341,10 +423,18 @@ def fit(
 class _MixtuneTrainer(Trainer):
     """The stock Trainer with mixtune's checkpoints and per-step loss check."""
 
-    def __init__(self, *args: Any, mixtune_adapted: Any, mixtune_keep: int | None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        mixtune_adapted: Any,
+        mixtune_keep: int | None,
+        mixtune_world: World,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.mixtune_adapted = mixtune_adapted
         self.mixtune_keep = mixtune_keep
+        self.mixtune_world = mixtune_world
         self.mixtune_tokens = 0
         self.mixtune_step_loss = 0.0
 
@@ -355,11 +445,18 @@ class _MixtuneTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
         mask = inputs.get("attention_mask")
-        self.mixtune_tokens += (
-            int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        )
+        tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
         loss = super().training_step(model, inputs, num_items_in_batch)
-        value = float(loss.detach())
+        world = self.mixtune_world
+        # One all-reduce per micro-step: the tokens of all ranks, and the sum
+        # of their losses, which is not finite if any rank's is, so every rank
+        # stops at the same step instead of the others hanging in the next
+        # collective. The Trainer scales each rank's loss by N (it is divided
+        # by the tokens of all ranks), so the mean over ranks is this
+        # micro-step's share of the step's loss.
+        summed_loss, summed_tokens = world.sum([float(loss.detach()), float(tokens)])
+        self.mixtune_tokens += round(summed_tokens)
+        value = summed_loss / world.size
         if not math.isfinite(value):
             step = int(self.state.global_step) + 1
             last = last_complete_checkpoint(Path(str(self.args.output_dir)))
@@ -396,21 +493,36 @@ class _MixtuneTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(str(self.args.output_dir))
+        world = self.mixtune_world
+        step = int(self.state.global_step)
+        if not world.is_main:
+            # Rank 0 creates the partial folder, each rank adds its own RNG
+            # state (resume restores them per rank), rank 0 completes it.
+            world.barrier()
+            self._save_rng_state(str(partial_checkpoint_dir(run_dir, step)))
+            world.barrier()
+            world.barrier()
+            return
 
         def write_rest(folder: Path) -> None:
             self._save_optimizer_and_scheduler(str(folder))
             self._save_scaler(str(folder))
+            world.barrier()
             self._save_rng_state(str(folder))
+            world.barrier()
             self.state.save_to_json(str(folder / "trainer_state.json"))
 
         write_checkpoint(
             run_dir,
-            int(self.state.global_step),
+            step,
             self.mixtune_adapted.lora_state_dict(),
             write_rest,
-            meta={"format": "mixtune-checkpoint/1"},
+            meta={"format": "mixtune-checkpoint/1", "world_size": world.size},
         )
         prune_checkpoints(run_dir, self.mixtune_keep)
+        # If rank 0 fails above, the others wait here until the launcher
+        # stops them with rank 0's error.
+        world.barrier()
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None

@@ -104,10 +104,10 @@ class FitResult:
         checkpoints: Complete checkpoints written, oldest first.
         resumed_from: The checkpoint this run continued from, if any.
         steps: Optimizer steps done in total.
-        tokens: Tokens trained on in this call.
+        tokens: Tokens trained on in this call (by all processes under DDP).
         wall_time_s: Seconds spent in this call's training loop.
         peak_memory_bytes: Peak device memory (CUDA allocator peak, or the
-            process's peak RSS on CPU).
+            process's peak RSS on CPU); under DDP the largest over the processes.
         memory: The pre-flight estimate.
     """
 
