@@ -68,11 +68,22 @@ class _Clock(TrainerCallback):
         self.pending = 0
 
     def watch(self, model: torch.nn.Module) -> None:
-        model.register_forward_pre_hook(self._count, with_kwargs=True)
+        # The decoder body sees every row on both loss paths (chunked on one
+        # process, the stock forward under DDP).
+        body: Any = getattr(model, "model", model)
+        body.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module: Any, args: Any, kwargs: Any) -> None:
-        if module.training and "attention_mask" in kwargs:
-            self.pending += int(kwargs["attention_mask"].sum())
+        if not module.training:
+            return
+        # Packed rows run without a mask (position_ids keep chunks apart), so
+        # every position counts, the short padded tail of a row included.
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        if mask is not None:
+            self.pending += int(mask.sum())
+        elif ids is not None:
+            self.pending += int(ids.numel())
 
     def _now(self) -> float:
         if self.cuda:

@@ -45,10 +45,11 @@ from mixtune.model import (
     load_quantized,
     mixtral_8x7b_config,
     random_checkpoint,
+    random_quantized,
     tiny_config,
 )
 from mixtune.publish import PublishResult, publish, spec_from_dict, spec_to_dict
-from mixtune.recipe import FitResult, MemoryEstimate, Recipe, RunSettings
+from mixtune.recipe import FitResult, MemoryEstimate, Recipe, RunSettings, local_device
 from mixtune.tokenizers import mixtral_v1
 
 __version__ = "0.1.0.dev0"
@@ -89,10 +90,12 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "load_quantized",
+    "local_device",
     "mixtral_8x7b_config",
     "mixtral_v1",
     "publish",
     "random_checkpoint",
+    "random_quantized",
     "spec_from_dict",
     "spec_to_dict",
     "tiny_config",

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from typing import Any
+
 import torch
 from transformers import TrainerCallback
 
@@ -35,7 +37,11 @@ class RowSpy(TrainerCallback):
     def __init__(self, model: torch.nn.Module, path: Path) -> None:
         self.path = path
         self.rows: list[list[int]] = []
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        # The decoder body sees every training row on both loss paths: the
+        # chunked one (one process) calls it directly, the stock one (DDP)
+        # through the causal LM's forward.
+        body: Any = model.model
+        body.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):  # type: ignore[no-untyped-def]
         if module.training:
