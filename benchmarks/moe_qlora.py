@@ -355,73 +355,33 @@ def main() -> None:
         flags.append("--chunked-loss" if chunked else "--no-chunked-loss")
         return flags + (["--tiny"] if args.tiny else [])
 
+    def run_child(arm: str, batch: int, seq: int, data: str = "random") -> dict[str, object]:
+        """One arm in a fresh process, so each starts with an empty GPU."""
+        cmd = [
+            sys.executable,
+            __file__,
+            *("--arm", arm, "--batch", str(batch), "--seq", str(seq), "--data", data),
+            *("--workdir", str(workdir), "--steps", str(args.steps)),
+            *("--warmup", str(args.warmup)),
+            *arm_flags(arm),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is not None:
+            result: dict[str, object] = json.loads(line[len("RESULT ") :])
+            return result
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"arm {arm} {batch}x{seq} ({data}) failed:\n{tail}", file=sys.stderr)
+        return {"arm": arm, "batch": batch, "seq": seq, "data": data, "error": tail}
+
     rows = []
     for shape in args.shapes.split(","):
         batch, seq = (int(v) for v in shape.split("x"))
-        for arm in arms:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--arm",
-                arm,
-                "--batch",
-                str(batch),
-                "--seq",
-                str(seq),
-                "--workdir",
-                str(workdir),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                *arm_flags(arm),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                tail = (proc.stdout + proc.stderr)[-3000:]
-                rows.append({"arm": arm, "batch": batch, "seq": seq, "error": tail})
-                print(f"arm {arm} {shape} failed:\n{tail}", file=sys.stderr)
-            else:
-                rows.append(json.loads(line[len("RESULT ") :]))
+        rows.extend(run_child(arm, batch, seq) for arm in arms)
     if args.real_data_arm and (build == "checkpoint" or args.real_data_arm == "c"):
         batch, seq = (int(v) for v in args.shapes.split(",")[-1].split("x"))
         for layout in ("padded", "packed"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--arm",
-                args.real_data_arm,
-                "--batch",
-                str(batch),
-                "--seq",
-                str(seq),
-                "--workdir",
-                str(workdir),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--data",
-                layout,
-                *arm_flags(args.real_data_arm),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                tail = (proc.stdout + proc.stderr)[-3000:]
-                rows.append(
-                    {
-                        "arm": args.real_data_arm,
-                        "batch": batch,
-                        "seq": seq,
-                        "data": layout,
-                        "error": tail,
-                    }
-                )
-                print(f"real-data {layout} failed:\n{tail}", file=sys.stderr)
-            else:
-                rows.append(json.loads(line[len("RESULT ") :]))
+            rows.append(run_child(args.real_data_arm, batch, seq, layout))
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     meta = {
         "card": card,
