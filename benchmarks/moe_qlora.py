@@ -27,6 +27,9 @@ Usage::
 
     python benchmarks/moe_qlora.py --workdir /tmp/slice            # all arms
     python benchmarks/moe_qlora.py --tiny --arms c                  # CPU smoke
+    python benchmarks/moe_qlora.py --arms a,b,c,c@2048              # (c) twice: default
+                                                                    # and 2 GiB of experts
+                                                                    # dequantized at a time
     python benchmarks/moe_qlora.py --layers 32 --arms c --shapes 8x1200 \
         --real-data-arm "" --steps 3 --warmup 1                      # full 8x7B, one GPU
 """
@@ -153,6 +156,12 @@ def build_arm(arm: str, path: Path, device: str, args: argparse.Namespace):  # t
             loaded = load_quantized(
                 path, quant=QuantSpec.nf4(), dtype=torch.bfloat16, device_map=device
             )
+        if args.dequant_chunk_mib is not None:
+            from mixtune.model import MoEExperts
+
+            for module in loaded.model.modules():
+                if isinstance(module, MoEExperts):
+                    module.dequant_chunk_bytes = args.dequant_chunk_mib * 2**20
         adapted = AdapterSpec.lora(
             r=16, alpha=32, dropout=0.0, targets=("attention", "experts")
         ).apply(loaded)
@@ -261,6 +270,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
     elapsed = time.perf_counter() - t0
     tokens = args.batch * args.seq * args.steps
     tok_s = tokens / elapsed
+    profile = top_kernels(step, device) if args.profile else None
     flops = forward_flops_per_token(model.config, args.seq)
     expert_lora = sum(1 for n, p in model.named_parameters() if p.requires_grad and "expert" in n)
     return {
@@ -284,7 +294,33 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
         "expert_lora_tensors": expert_lora,
         "tensors_without_grad": len(no_grad),
         "losses": losses,
+        "dequant_chunk_mib": args.dequant_chunk_mib,
+        "profile": profile,
     }
+
+
+def top_kernels(step, device: str, count: int = 30) -> list[dict[str, object]] | None:  # type: ignore[no-untyped-def]
+    """Two more steps under the profiler: the ``count`` ops with most device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0)
+        if device_us:
+            rows.append(
+                {"name": event.key[:120], "ms_per_step": device_us / 2e3, "calls": event.count // 2}
+            )
+    rows.sort(key=lambda r: -float(r["ms_per_step"]))  # type: ignore[arg-type]
+    return rows[:count]
 
 
 def main() -> None:
@@ -312,6 +348,17 @@ def main() -> None:
         help="compute the LM loss in chunks of tokens, never the whole batch's logits "
         "(default: on for arm c only)",
     )
+    parser.add_argument(
+        "--dequant-chunk-mib",
+        type=int,
+        default=None,
+        help="arm (c): bytes of dequantized experts that exist at once (default: the library's)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record the ops with most device time over two steps (CUDA only)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_qlora.json"))
     # internal: one arm in this process
     parser.add_argument("--arm")
@@ -338,21 +385,27 @@ def main() -> None:
     build = args.build if args.build != "auto" else ("direct" if args.layers > 2 else "checkpoint")
     arms = args.arms.split(",")
     if build == "direct":
-        skipped = [a for a in arms if a != "c"]
+        skipped = [a for a in arms if a.partition("@")[0] != "c"]
         if skipped:
             print(
                 f"--layers {args.layers}: arm(s) {', '.join(skipped)} skipped: they load a bf16 "
                 "checkpoint, which this build never writes (pass --build checkpoint to force one)",
                 file=sys.stderr,
             )
-        arms = [a for a in arms if a == "c"]
+        arms = [a for a in arms if a.partition("@")[0] == "c"]
     elif not (workdir / "config.json").exists():
         random_checkpoint(slice_config(args.layers, args.tiny), workdir, layout="fused", seed=0)
 
     def arm_flags(arm: str) -> list[str]:
+        # "c@MIB": arm (c) with that many MiB of experts dequantized at a time.
+        arm, _, chunk_mib = arm.partition("@")
         chunked = args.chunked_loss if args.chunked_loss is not None else arm == "c"
         flags = ["--layers", str(args.layers), "--build", build]
         flags.append("--chunked-loss" if chunked else "--no-chunked-loss")
+        if chunk_mib or args.dequant_chunk_mib is not None:
+            flags += ["--dequant-chunk-mib", chunk_mib or str(args.dequant_chunk_mib)]
+        if args.profile:
+            flags.append("--profile")
         return flags + (["--tiny"] if args.tiny else [])
 
     def run_child(arm: str, batch: int, seq: int, data: str = "random") -> dict[str, object]:
@@ -360,7 +413,8 @@ def main() -> None:
         cmd = [
             sys.executable,
             __file__,
-            *("--arm", arm, "--batch", str(batch), "--seq", str(seq), "--data", data),
+            *("--arm", arm.partition("@")[0], "--batch", str(batch), "--seq", str(seq)),
+            *("--data", data),
             *("--workdir", str(workdir), "--steps", str(args.steps)),
             *("--warmup", str(args.warmup)),
             *arm_flags(arm),
@@ -369,6 +423,7 @@ def main() -> None:
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is not None:
             result: dict[str, object] = json.loads(line[len("RESULT ") :])
+            result["arm"] = arm
             return result
         tail = (proc.stdout + proc.stderr)[-3000:]
         print(f"arm {arm} {batch}x{seq} ({data}) failed:\n{tail}", file=sys.stderr)
@@ -396,23 +451,30 @@ def main() -> None:
         f"{card} | torch {torch.__version__} | transformers {transformers.__version__} | {meta['date']}"
     )
     print(
-        f"{'arm':<4}{'data':<8}{'B×T':>9}{'tok/s':>11}{'real tok/s':>12}{'peak GiB':>10}{'MFU':>7}"
+        f"{'arm':<7}{'data':<8}{'B×T':>9}{'tok/s':>11}{'real tok/s':>12}{'peak GiB':>10}{'MFU':>7}"
         f"{'LoRA tensors':>14}{'no grad':>9}{'chunked':>9}{'build s':>9}{'weights GiB':>13}"
     )
     for r in rows:
         data = r.get("data", "random")
         if "error" in r:
-            print(f"{r['arm']:<4}{data:<8}{r['batch']:>4}x{r['seq']:<4}   failed")
+            print(f"{r['arm']:<7}{data:<8}{r['batch']:>4}x{r['seq']:<4}   failed")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         weights = f"{r['weights_gib']:.1f}" if r["weights_gib"] is not None else "-"
         print(
-            f"{r['arm']:<4}{data:<8}{r['batch']:>4}x{r['seq']:<4}{r['tokens_per_s']:>11,.0f}"
+            f"{r['arm']:<7}{data:<8}{r['batch']:>4}x{r['seq']:<4}{r['tokens_per_s']:>11,.0f}"
             f"{r['real_tokens_per_s']:>12,.0f}{peak:>10}{r['mfu']:>7.1%}"
             f"{r['trainable_tensors']:>14}{r['tensors_without_grad']:>9}"
             f"{'yes' if r['chunked_loss'] else 'no':>9}{r['build_s']:>9.1f}"
             f"{weights:>13}"
         )
+    for r in rows:
+        if r.get("profile"):
+            print(
+                f"\nprofile, arm {r['arm']} {r['batch']}x{r['seq']} ({r.get('data')}): ms/step, calls"
+            )
+            for p in r["profile"][:15]:  # type: ignore[index]
+                print(f"  {p['ms_per_step']:>9.2f} {p['calls']:>6}  {p['name']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 

@@ -43,10 +43,16 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[
     return logits.detach(), grads
 
 
-def _compare(path: Path, device: str, dtype: torch.dtype, tol: float) -> None:
+def _compare(
+    path: Path, device: str, dtype: torch.dtype, tol: float, chunk_bytes: int | None = None
+) -> None:
     loaded = load_quantized(
         path, quant=QuantSpec.nf4(compute_dtype=dtype), dtype=dtype, device_map=device
     )
+    if chunk_bytes is not None:
+        for module in loaded.model.modules():
+            if isinstance(module, MoEExperts):
+                module.dequant_chunk_bytes = chunk_bytes
     adapted = AdapterSpec.lora(r=4, alpha=8, dropout=0.0, targets=("experts",)).apply(
         loaded, dtype=dtype
     )
@@ -63,7 +69,11 @@ def _compare(path: Path, device: str, dtype: torch.dtype, tol: float) -> None:
         assert relative_error(got_grads[name], want) <= tol, name
 
 
-def test_grouped_path_equals_loop_cpu(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_grouped_path_equals_loop_cpu(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int | None
+) -> None:
+    # chunk_bytes=1: one expert dequantized at a time, forward and backward.
     calls = []
 
     def forced(x: torch.Tensor) -> bool:
@@ -72,8 +82,25 @@ def test_grouped_path_equals_loop_cpu(ckpt: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr("mixtune.adapter._lora.grouped_path_available", forced)
     monkeypatch.setattr("mixtune.model._experts.grouped_path_available", forced)
-    _compare(ckpt, "cpu", torch.float32, 1e-5)
+    fused = _count_fused(monkeypatch)
+    _compare(ckpt, "cpu", torch.float32, 1e-5, chunk_bytes)
     assert calls, "the grouped path was never taken"
+    # The model's activation (transformers' SiLU) must select the fused node.
+    assert fused, "the fused expert node was never used"
+
+
+def _count_fused(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from mixtune.kernels import _moe
+
+    used: list[int] = []
+    original = _moe._FusedExperts.apply
+
+    def counting(*args: object) -> object:
+        used.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_moe._FusedExperts, "apply", counting)
+    return used
 
 
 def test_stacked_weight_matches_per_expert_weights(ckpt: Path) -> None:
@@ -85,6 +112,8 @@ def test_stacked_weight_matches_per_expert_weights(ckpt: Path) -> None:
         stack = experts.stacked_weight(kind)
         for e in range(experts.num_experts):
             torch.testing.assert_close(stack[e], experts.weight(kind, e), rtol=0, atol=0)
+        fetch = experts.grouped_sources(torch.float32)[0 if kind == "gate_up" else 1]
+        torch.testing.assert_close(fetch(1, 3), stack[1:3], rtol=0, atol=0)
 
 
 def _adapted(path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -99,7 +128,9 @@ def _adapted(path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 @pytest.mark.gpu
 @requires_gpu
-def test_grouped_path_is_as_accurate_as_loop_gpu(ckpt: Path) -> None:
+def test_grouped_path_is_as_accurate_as_loop_gpu(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Two bf16 computations differ from each other by about twice their own
     # error, so both are measured against the float32 loop instead: the native
     # grouped GEMM may be no less accurate than the per-expert loop in bf16.
@@ -111,7 +142,9 @@ def test_grouped_path_is_as_accurate_as_loop_gpu(ckpt: Path) -> None:
     _set_grouped(model, False)
     loop_logits, loop_grads = _run(model, ids)
     _set_grouped(model, True)
+    fused = _count_fused(monkeypatch)
     got_logits, got_grads = _run(model, ids)
+    assert fused, "the fused expert node was never used"
     budget = 1.5 * relative_error(loop_logits, want_logits) + 1e-3
     assert relative_error(got_logits, want_logits) <= budget
     for name, want in want_grads.items():

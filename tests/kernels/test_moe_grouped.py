@@ -69,25 +69,53 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _check(device: str, dtype: torch.dtype, tol: float, sizes: tuple[int, ...]) -> None:
+def _check(
+    device: str,
+    dtype: torch.dtype,
+    tol: float,
+    sizes: tuple[int, ...],
+    *,
+    chunk_experts: int | None = None,
+    as_functions: bool = False,
+    idle_expert: bool = False,
+) -> None:
     t, h, i, e, k, r = sizes
     hidden, idx, probs, gate_up, down, factors = _problem(t, h, i, e, k, r, device, dtype)
+    if idle_expert:
+        # Expert 0 gets no token: its span is empty and its factors get zeros.
+        idx = torch.where(idx == 0, torch.full_like(idx, e - 1), idx)
+        idx[:, 1] = torch.where(idx[:, 0] == idx[:, 1], (idx[:, 0] % (e - 1)) + 1, idx[:, 1])
     hidden.requires_grad_()
+    probs.requires_grad_()
     scaling = 2.0
     lora = ExpertLoraFactors(factors=factors, scaling=scaling)
-    out = moe_grouped_forward(hidden, idx, probs, gate_up, down, F.silu, lora)
+    stacks: tuple = (gate_up, down)
+    if as_functions:
+        stacks = (lambda s, e_: gate_up[s:e_].clone(), lambda s, e_: down[s:e_].clone())
+    out = moe_grouped_forward(
+        hidden,
+        idx,
+        probs,
+        *stacks,
+        F.silu,
+        lora,
+        num_experts=e,
+        chunk_experts=chunk_experts,
+    )
     ref_in = hidden.detach().double().requires_grad_()
+    ref_probs = probs.detach().double().requires_grad_()
     ref_factors = {
         kind: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
         for kind, (a, b) in factors.items()
     }
-    ref = _reference(ref_in, idx, probs, gate_up, down, ref_factors, scaling)
+    ref = _reference(ref_in, idx, ref_probs, gate_up, down, ref_factors, scaling)
     assert _rel(out, ref) <= tol
 
     upstream = torch.randn_like(ref)
     (out.float() * upstream.to(out.device, torch.float32)).sum().backward()
     (ref * upstream).sum().backward()
     assert _rel(hidden.grad, ref_in.grad) <= tol
+    assert _rel(probs.grad, ref_probs.grad) <= tol
     for kind in KINDS:
         for got, want in zip(factors[kind], ref_factors[kind], strict=True):
             assert _rel(got.grad, want.grad) <= tol, kind
@@ -100,8 +128,100 @@ def _check(device: str, dtype: torch.dtype, tol: float, sizes: tuple[int, ...]) 
             assert bool((per_expert[~routed] == 0).all()), kind
 
 
-def test_grouped_forward_backward_match_reference_cpu() -> None:
-    _check("cpu", torch.float32, 1e-5, (48, 32, 24, 6, 2, 4))
+@pytest.mark.parametrize("chunk_experts", [None, 1, 2, 4, 6])
+@pytest.mark.parametrize("as_functions", [False, True])
+def test_grouped_forward_backward_match_reference_cpu(
+    chunk_experts: int | None, as_functions: bool
+) -> None:
+    _check(
+        "cpu",
+        torch.float32,
+        1e-5,
+        (48, 32, 24, 6, 2, 4),
+        chunk_experts=chunk_experts,
+        as_functions=as_functions,
+    )
+
+
+@pytest.mark.parametrize("chunk_experts", [None, 1, 3])
+def test_an_expert_without_tokens_gets_zero_gradients(chunk_experts: int | None) -> None:
+    _check(
+        "cpu",
+        torch.float32,
+        1e-5,
+        (40, 16, 12, 5, 2, 4),
+        chunk_experts=chunk_experts,
+        idle_expert=True,
+    )
+
+
+def test_base_weights_are_fetched_again_in_backward_not_saved() -> None:
+    """Span by span the stacks are produced on demand twice; none is kept by autograd."""
+    e, h, i = 4, 16, 12
+    hidden, idx, probs, gate_up, down, factors = _problem(64, h, i, e, 2, 4, "cpu", torch.float32)
+    hidden.requires_grad_()
+    calls: list[tuple[str, int, int]] = []
+
+    def source(kind, full):
+        def fetch(s, stop):
+            calls.append((kind, s, stop))
+            return full[s:stop].clone()
+
+        return fetch
+
+    saved_shapes: list[tuple[int, ...]] = []
+
+    def pack(t):
+        saved_shapes.append(tuple(t.shape))
+        return t
+
+    lora = ExpertLoraFactors(factors=factors, scaling=1.0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = moe_grouped_forward(
+            hidden,
+            idx,
+            probs,
+            source("gate_up", gate_up),
+            source("down", down),
+            F.silu,
+            lora,
+            num_experts=e,
+            chunk_experts=2,
+        )
+    forward_calls = list(calls)
+    assert sorted(forward_calls) == sorted(
+        [("gate_up", 0, 2), ("down", 0, 2), ("gate_up", 2, 4), ("down", 2, 4)]
+    )
+    out.sum().backward()
+    assert sorted(calls[len(forward_calls) :]) == sorted(forward_calls)
+    assert (2, 2 * i, h) not in saved_shapes
+    assert (2, h, i) not in saved_shapes
+    assert hidden.grad is not None
+    assert float(hidden.grad.abs().sum()) > 0
+
+
+def test_fused_and_autograd_paths_agree() -> None:
+    """A non-SiLU activation takes plain autograd; with SiLU both give the same numbers."""
+    hidden, idx, probs, gate_up, down, factors = _problem(50, 16, 12, 4, 2, 4, "cpu", torch.float64)
+    lora = ExpertLoraFactors(factors=factors, scaling=0.5)
+
+    class NotSiLU(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    results = []
+    for act in (F.silu, NotSiLU()):
+        x = hidden.clone().requires_grad_()
+        out = moe_grouped_forward(x, idx, probs, gate_up, down, act, lora, chunk_experts=3)
+        out.square().sum().backward()
+        grads = [x.grad] + [t.grad.clone() for pair in factors.values() for t in pair]
+        for pair in factors.values():
+            for t in pair:
+                t.grad = None
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_lora_dropout_is_active_only_in_training() -> None:
@@ -170,6 +290,20 @@ def test_grouped_mm_fallback_handles_empty_groups() -> None:
 def test_grouped_forward_backward_match_reference_gpu_mixtral_width() -> None:
     # Mixtral-8x7B expert width on a few hundred tokens: native bf16 grouped_mm.
     _check("cuda", torch.bfloat16, 1e-2, (256, 4096, 14336, 8, 2, 16))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_chunked_fetch_matches_reference_gpu_mixtral_width() -> None:
+    # Two experts' weights at a time, produced by a function as 4-bit storage does.
+    _check(
+        "cuda",
+        torch.bfloat16,
+        1e-2,
+        (512, 4096, 14336, 8, 2, 16),
+        chunk_experts=2,
+        as_functions=True,
+    )
 
 
 def test_misaligned_operands_are_detected() -> None:

@@ -126,3 +126,34 @@ def test_round_trip_error_is_bounded_by_each_blocks_scale(
     # The block maximum survives up to its scale's precision.
     peak = blocks_b.abs().amax(-1, keepdim=True)
     assert torch.allclose(peak, absmax, rtol=0.02 if spec.double_quant else 1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    spec=quant_specs(),
+    shape=st.sampled_from([(7, 10), (48, 96), (128, 256), (130, 258)]),
+    data=st.data(),
+)
+def test_dequantize_range_equals_each_matrix_dequantized_alone(
+    spec: QuantSpec, shape: tuple[int, int], data: st.DataObject
+) -> None:
+    # (128, 256) and (130, 258) hold more than 256 blocks of 64, so the
+    # scales span several nested blocks; (7, 10) and (130, 258) are padded.
+    count = 4
+    packed = Packed4bit(count, shape, spec)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    for i in range(count):
+        packed.store(i, torch.randn(*shape, generator=gen) * (i + 1))
+    start = data.draw(st.integers(0, count - 1))
+    stop = data.draw(st.integers(start + 1, count))
+    got = packed.dequantize_range(start, stop)
+    want = torch.stack([packed.dequantize(i) for i in range(start, stop)])
+    assert got.shape == (stop - start, *shape)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bounds", [(0, 0), (2, 1), (-1, 1), (0, 4)])
+def test_dequantize_range_rejects_bad_ranges(bounds: tuple[int, int]) -> None:
+    packed = Packed4bit(3, (8, 64), QuantSpec.nf4())
+    with pytest.raises(IndexError, match=r"outside \[0, 3\)"):
+        packed.dequantize_range(*bounds)

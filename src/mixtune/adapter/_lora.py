@@ -348,16 +348,17 @@ class LoraExperts(nn.Module):
 
     def _grouped_ok(self, hidden_states: Tensor) -> bool:
         # The grouped path needs the whole (E, out, in) stack of the base.
-        return hasattr(self.base, "stacked_weight") and grouped_path_available(hidden_states)
+        return hasattr(self.base, "grouped_sources") and grouped_path_available(hidden_states)
 
     def _grouped_forward(
         self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
     ) -> Tensor:
         """Sort tokens by expert once; each projection is one grouped product.
 
-        The base layer's experts are dequantized into one transient stack per
-        projection; under gradient checkpointing that stack lives only while
-        the layer runs.  LoRA stays low-rank (grouped ``x Aᵀ`` then ``Bᵀ``).
+        4-bit base experts are dequantized a chunk of experts at a time, in
+        forward and again in backward (see
+        :func:`mixtune.kernels.moe_grouped_forward`), never kept between the
+        passes.  LoRA stays low-rank (grouped ``x Aᵀ`` then ``Bᵀ``).
         """
         base: Any = self.base
         dtype = hidden_states.dtype
@@ -371,14 +372,17 @@ class LoraExperts(nn.Module):
         lora = ExpertLoraFactors(
             factors=factors, scaling=self.scale, dropout=float(dropout), training=self.training
         )
+        gate_up, down, chunk = base.grouped_sources(dtype)
         return moe_grouped_forward(
             hidden_states,
             top_k_index,
             top_k_weights,
-            base.stacked_weight("gate_up", dtype),
-            base.stacked_weight("down", dtype),
+            gate_up,
+            down,
             base.act_fn,
             lora,
+            num_experts=self.num_experts,
+            chunk_experts=chunk,
         )
 
     def factors(self, projection: Literal["gate", "up", "down"]) -> ExpertFactors | None:

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mixtune.kernels import grouped_path_available, moe_grouped_forward
+from mixtune.kernels import (
+    ExpertStack,
+    experts_per_chunk,
+    grouped_path_available,
+    moe_grouped_forward,
+)
 from mixtune.model._quant import Packed4bit, QuantSpec, dequant_linear
 
 __all__ = ["ExpertKind", "MoEExperts"]
@@ -62,6 +67,7 @@ class MoEExperts(nn.Module):
     gate_up_proj: nn.Parameter
     down_proj: nn.Parameter
     grouped: bool
+    dequant_chunk_bytes: int
 
     def __init__(
         self,
@@ -79,6 +85,11 @@ class MoEExperts(nn.Module):
         # tokens by expert and runs one grouped product per projection;
         # ``grouped = False`` forces the per-expert loop (the reference path).
         self.grouped = True
+        # On the grouped path 4-bit experts are dequantized a few at a time,
+        # in forward and again in backward, never kept: this bounds the
+        # bf16 copy that exists at once (512 MiB = two Mixtral-8x7B experts'
+        # gate_up matrices).
+        self.dequant_chunk_bytes = 512 * 2**20
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
@@ -263,12 +274,36 @@ class MoEExperts(nn.Module):
         if not self.is_quantized:
             plain = self._plain(kind).detach()
             return plain if dtype in (None, plain.dtype) else plain.to(dtype)
-        packed = self._packed(kind)
-        dtype = dtype or self.quant.compute_dtype
-        out = torch.empty((self.num_experts, *packed.shape), dtype=dtype, device=packed.data.device)
-        for expert in range(self.num_experts):
-            out[expert].copy_(packed.dequantize(expert, dtype))
-        return out
+        return self._packed(kind).dequantize_range(0, self.num_experts, dtype)
+
+    def grouped_sources(self, dtype: torch.dtype) -> tuple[ExpertStack, ExpertStack, int | None]:
+        """The frozen weights as the grouped path takes them, and its chunk size.
+
+        4-bit storage gives functions that dequantize a range of experts on
+        demand, with as many experts per chunk as fit
+        :attr:`dequant_chunk_bytes`; plain storage gives the (detached)
+        parameters themselves and no chunking.
+
+        Args:
+            dtype: Compute dtype of the activations.
+
+        Returns:
+            ``(gate_up, down, chunk_experts)`` for
+            :func:`mixtune.kernels.moe_grouped_forward`.
+        """
+        if not self.is_quantized:
+            return self.stacked_weight("gate_up", dtype), self.stacked_weight("down", dtype), None
+        gate_up, down = self._packed("gate_up"), self._packed("down")
+
+        def gate_up_range(start: int, stop: int) -> torch.Tensor:
+            return gate_up.dequantize_range(start, stop, dtype)
+
+        def down_range(start: int, stop: int) -> torch.Tensor:
+            return down.dequantize_range(start, stop, dtype)
+
+        per_expert = gate_up.numel * torch.empty((), dtype=dtype).element_size()
+        chunk = experts_per_chunk(per_expert, self.dequant_chunk_bytes, self.num_experts)
+        return gate_up_range, down_range, chunk
 
     def project(self, kind: ExpertKind, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Apply one expert's ``gate_up`` or ``down`` matrix: ``x @ W.T``.
@@ -322,13 +357,16 @@ class MoEExperts(nn.Module):
             ``(tokens, hidden)``.
         """
         if self.grouped and grouped_path_available(hidden_states):
+            gate_up, down, chunk = self.grouped_sources(hidden_states.dtype)
             return moe_grouped_forward(
                 hidden_states,
                 top_k_index,
                 top_k_weights,
-                self.stacked_weight("gate_up", hidden_states.dtype),
-                self.stacked_weight("down", hidden_states.dtype),
+                gate_up,
+                down,
                 self.act_fn,
+                num_experts=self.num_experts,
+                chunk_experts=chunk,
             )
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():

@@ -382,6 +382,53 @@ class Packed4bit(nn.Module):
         out = out.reshape(-1)[: self.numel].view(self.shape)
         return out.to(dtype) if out.dtype != dtype else out
 
+    def dequantize_range(
+        self, start: int, stop: int, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Matrices ``start`` to ``stop - 1`` dequantized together, as one new stack.
+
+        One kernel call covers the whole range, written straight into the
+        result (no per-matrix temporary and copy).  Under double quantization
+        the blocks' scales are first decoded here for the whole range
+        (``code2[absmax] * absmax2 + offset``, the order bitsandbytes uses),
+        since bitsandbytes' nested state holds one matrix's offset only.
+
+        Args:
+            start: First matrix.
+            stop: One past the last matrix.
+            dtype: Result dtype (default: the spec's compute dtype).
+
+        Returns:
+            A ``(stop - start, *shape)`` tensor on the buffers' device.
+
+        Raises:
+            IndexError: If the range is empty or outside ``[0, count)``.
+        """
+        if not 0 <= start < stop <= self.count:
+            raise IndexError(f"matrix range [{start}, {stop}) is outside [0, {self.count})")
+        dtype = dtype or self.quant.compute_dtype
+        kernel_dtype = dtype if dtype in _FLOAT_DTYPES else torch.float32
+        bnb_f = bnb_functional()
+        count = stop - start
+        absmax = self.absmax[start:stop]
+        if self.quant.double_quant:
+            blocks = absmax.shape[1]
+            scales = self.absmax2[start:stop].repeat_interleave(NESTED_BLOCK_SIZE, dim=1)
+            absmax = self.code2[absmax.long()] * scales[:, :blocks] + self.offset[start:stop, None]
+        state = bnb_f.QuantState(
+            absmax=absmax.reshape(-1).float().contiguous(),
+            shape=torch.Size([count * self.padded]),
+            blocksize=self.quant.block_size,
+            quant_type=self.quant.method,
+            dtype=kernel_dtype,
+        )
+        flat: torch.Tensor = bnb_f.dequantize_4bit(self.data[start:stop].reshape(-1, 1), state)
+        stack = flat.view(count, self.padded)
+        if self.padded != self.numel:
+            stack = stack[:, : self.numel].contiguous()
+        stack = stack.view(count, *self.shape)
+        return stack.to(dtype) if stack.dtype != dtype else stack
+
     def nbytes(self) -> int:
         """Bytes held by all buffers (packed weights plus quantization state)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())

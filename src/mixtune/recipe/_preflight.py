@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mixtune.errors import PreflightError
+from mixtune.kernels import experts_per_chunk
 from mixtune.recipe._loss import CHUNK_TOKENS
 from mixtune.recipe._result import MemoryEstimate
 
@@ -113,17 +114,20 @@ def estimate_memory(
         activations = layers * tokens * hidden * a + per_layer
     else:
         activations = layers * per_layer
-    # On CUDA the experts run as grouped GEMMs over a layer's dequantized
-    # stack (E × (2I·H + H·I) in the compute dtype): one layer's at a time
-    # under checkpointing, every layer's (kept for backward) without it.
+    # On CUDA the experts run as grouped GEMMs over dequantized weights, a
+    # chunk of experts at a time (their gate_up matrices, 2I·H each, in the
+    # compute dtype), fetched again in backward rather than kept: one chunk
+    # exists at a time, with or without checkpointing.
     stack = 0
     for module in model.modules():
         experts: Any = module  # nn.Module attributes are untyped
-        if hasattr(experts, "stacked_weight") and bool(getattr(experts, "is_quantized", False)):
-            size = experts.num_experts * 3 * experts.hidden_dim * experts.intermediate_dim * a
-            stack = max(stack, int(size))
+        if hasattr(experts, "grouped_sources") and bool(getattr(experts, "is_quantized", False)):
+            per_expert = 2 * experts.hidden_dim * experts.intermediate_dim * a
+            budget = int(getattr(experts, "dequant_chunk_bytes", per_expert))
+            chunk = experts_per_chunk(int(per_expert), budget, int(experts.num_experts))
+            stack = max(stack, int(chunk * per_expert))
     if device.type == "cuda":
-        activations += stack if gradient_checkpointing else layers * stack
+        activations += stack
     # The loss is chunked (mixtune.kernels.chunked_causal_lm_loss): one
     # chunk's fp32 logits and their gradient, never the whole batch's.
     logits = 2 * min(tokens, CHUNK_TOKENS) * vocab * 4
