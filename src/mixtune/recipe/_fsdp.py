@@ -181,8 +181,33 @@ def shard_model(
             reshard_after_forward=reshard_after_forward,
             shard_placement_fn=placement,
         )
+    body_class = type(body)
     fully_shard(body, mesh=mesh, shard_placement_fn=placement)
+    _keep_output_recording(body_class, type(body))
     return model
+
+
+def _keep_output_recording(old: type, new: type) -> None:
+    """Let the FSDP2 subclass of the decoder body still return router logits.
+
+    transformers records ``router_logits`` (and hidden states) through hooks
+    chosen from a registry keyed by the model's class *name*; ``fully_shard``
+    swaps the body's class for an ``FSDP<Name>`` subclass, which the registry
+    does not know, and the router logits (so the load-balancing loss and the
+    routing statistics) would silently vanish. The entry is copied to the new
+    class. The registry is a dict keyed by ``str(cls)`` in transformers 5.17
+    and later (a subclass in newer ones, read and written as a plain dict here).
+    """
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # pragma: no cover - older layouts record without a registry
+        return
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if not isinstance(registry, dict):  # pragma: no cover - layout changed
+        return
+    flags = dict.get(registry, str(old))
+    if flags is not None:
+        dict.__setitem__(registry, str(new), flags)
 
 
 def is_sharded(model: nn.Module) -> bool:
