@@ -42,8 +42,7 @@ def adapted_model() -> object:
         dtype=torch.float32,
         progress=False,
     )
-    adapted = AdapterSpec.qlora(r=4, alpha=8, dropout=0.0, targets=TARGETS).apply(loaded, seed=0)
-    return adapted
+    return AdapterSpec.qlora(r=4, alpha=8, dropout=0.0, targets=TARGETS).apply(loaded, seed=0)
 
 
 def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str) -> None:

@@ -571,8 +571,9 @@ class _MixtuneTrainer(Trainer):
             if optimizer_state is None:
                 self._save_optimizer_and_scheduler(str(folder))
             else:
+                scheduler: Any = self.lr_scheduler
                 torch.save(optimizer_state, folder / _OPTIMIZER_FILE)
-                torch.save(self.lr_scheduler.state_dict(), folder / _SCHEDULER_FILE)
+                torch.save(scheduler.state_dict(), folder / _SCHEDULER_FILE)
             self._save_scaler(str(folder))
             world.barrier()
             self._save_rng_state(str(folder))
@@ -608,8 +609,9 @@ class _MixtuneTrainer(Trainer):
         )
 
         optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+        model: Any = self.model
         state: dict[str, Any] = get_optimizer_state_dict(
-            self.model,
+            model,
             optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
@@ -628,13 +630,15 @@ class _MixtuneTrainer(Trainer):
         # Every rank reads rank 0's whole state and keeps its own shards.
         state = torch.load(folder / _OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+        model: Any = self.model
+        scheduler: Any = self.lr_scheduler
         set_optimizer_state_dict(
-            self.model,
+            model,
             optimizer,
             state,
             options=StateDictOptions(full_state_dict=True),
         )
-        self.lr_scheduler.load_state_dict(
+        scheduler.load_state_dict(
             torch.load(folder / _SCHEDULER_FILE, map_location="cpu", weights_only=True)
         )
 

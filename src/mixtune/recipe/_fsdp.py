@@ -279,7 +279,7 @@ def reshard_all(model: nn.Module) -> None:
             module.reshard()
 
 
-def _named_lora(adapted: Any) -> dict[str, nn.Parameter]:
+def _named_lora(adapted: Any) -> dict[str, torch.Tensor]:
     """The LoRA parameters under their ``lora_state_dict`` names (module paths)."""
     params = dict(adapted.model.named_parameters())
     missing = [name for name in adapted.lora_state_dict() if name not in params]
@@ -376,16 +376,16 @@ def gathered_lora(adapted: Any) -> Iterator[None]:
     """
     from torch.distributed.tensor import DTensor
 
-    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    # The sharded parameters themselves go back on exit (FSDP2 holds them).
+    swapped: list[tuple[nn.Module, str, Any]] = []
     try:
-        for name in _named_lora(adapted):
-            module, attr = _owner(adapted.model, name)
-            param = module._parameters[attr]
+        for name, param in _named_lora(adapted).items():
             if not isinstance(param, DTensor):
                 continue
-            full = param.detach().full_tensor()
+            module, attr = _owner(adapted.model, name)
+            full = param.full_tensor().detach()
+            swapped.append((module, attr, param))
             module._parameters[attr] = nn.Parameter(full, requires_grad=param.requires_grad)
-            swapped.append((module, attr, param))  # type: ignore[arg-type]
         yield
     finally:
         for module, attr, param in swapped:
