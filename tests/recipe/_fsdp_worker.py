@@ -2,7 +2,8 @@
 
 Usage: python _fsdp_worker.py OUTPUT_DIR RESULT_JSON BATCH_SIZE GRAD_ACCUM MAX_STEPS MODE
 
-MODE is ``fresh`` or ``resume``. Run under ``torchrun`` (gloo on CPU) for the
+MODE is ``fresh``, ``resume`` or ``gpu`` (the model is built on the CPU in
+bf16 and ``fit`` shards it onto each rank's GPU). Run under ``torchrun`` (gloo on CPU) for the
 sharded run, or call :func:`train` in-process for the one-process reference
 (``sharding="fsdp2"`` without a process group trains as one process). Rank 0
 writes RESULT_JSON: per-step losses, eval/test numbers, tokens, checkpoints,
@@ -35,18 +36,23 @@ from tests.recipe.toy import ToyCorpus
 TARGETS = ("attention", "experts", "router")
 
 
-def adapted_model() -> object:
+def adapted_model(gpu: bool = False) -> object:
+    dtype = torch.bfloat16 if gpu else torch.float32
     loaded = random_quantized(
         model_tiny_config(max_position_embeddings=256, router_jitter_noise=0.0),
-        quant=QuantSpec.nf4(compute_dtype=torch.float32),
-        dtype=torch.float32,
+        quant=QuantSpec.nf4(compute_dtype=dtype),
+        dtype=dtype,
+        device_map="cpu",
         progress=False,
     )
     return AdapterSpec.qlora(r=4, alpha=8, dropout=0.0, targets=TARGETS).apply(loaded, seed=0)
 
 
 def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str) -> None:
-    adapted = adapted_model()
+    gpu = mode == "gpu"
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    adapted = adapted_model(gpu)
     model: torch.nn.Module = adapted.model  # type: ignore[attr-defined]
     bytes_before = packed_4bit_bytes(model)
     recipe = Recipe(
@@ -62,10 +68,13 @@ def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str)
         # where FSDP2 must have gathered its weights again.
         gradient_checkpointing=True,
         layout="padded",
-        run=RunSettings(output_dir=out, progress=False, sharding="fsdp2"),
+        run=RunSettings(
+            output_dir=out, progress=False, sharding="fsdp2", device="cuda" if gpu else "cpu"
+        ),
     )
     res = recipe.fit(adapted, ToyCorpus(rows=40), resume=mode == "resume")
     bytes_after = packed_4bit_bytes(model)
+    devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     every = [[bytes_before, bytes_after]] * world
@@ -80,6 +89,8 @@ def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str)
             json.dumps(
                 {
                     "world": world,
+                    "devices": devices,
+                    "peak_memory_bytes": res.peak_memory_bytes,
                     "train_loss": [[p.step, p.loss] for p in res.train_loss],
                     "eval_loss": [[p.step, p.loss] for p in res.eval_loss],
                     "test_before": res.test_loss_before,

@@ -55,6 +55,9 @@ def _torchrun(out: Path, result: Path, mode: str, steps: int = STEPS) -> dict[st
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "OMP_NUM_THREADS": "1",
+        # No NVLink multicast: shared GPU hosts may forbid it (gloo ignores these).
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     }
     cmd = [
         sys.executable,

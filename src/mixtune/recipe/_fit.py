@@ -351,8 +351,10 @@ def fit(
     fsdp2 = recipe.run.sharding == "fsdp2" and world.size > 1
     if fsdp2:
         # Before the pre-flight check (which then counts this rank's shards)
-        # and before the Trainer builds the optimizer over the parameters.
-        shard_model(hf_model)
+        # and before the Trainer builds the optimizer over the parameters. A
+        # model still on the CPU is moved to this rank's GPU a layer at a time.
+        shard_model(hf_model, device=device)
+        model_device = device
     est = estimate_memory(
         hf_model,
         batch_size=recipe.batch_size,

@@ -113,6 +113,7 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
 def shard_model(
     model: nn.Module,
     *,
+    device: torch.device | str | None = None,
     mesh: Any = None,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
@@ -120,14 +121,22 @@ def shard_model(
 
     Each decoder layer becomes one FSDP2 unit, then the decoder body
     (``model.model``) the root. The 4-bit tensors are split on their
-    second dimension (:data:`SHARDED_4BIT`), every other parameter on its
+    second dimension (``data`` and ``absmax``), every other parameter on its
     first; ``lm_head`` and the buffers stay whole on every rank. Call it
     after the adapter is applied and before the optimizer is created, on
-    every rank, with the model already on this rank's device.
+    every rank.
+
+    The model may sit on this rank's GPU already or still on the CPU (loaded
+    with ``device_map="cpu"``): with ``device`` a GPU, FSDP2 moves one layer
+    at a time there and keeps only this rank's share of it, so the GPU never
+    holds the whole model, only the CPU does (once per process).
 
     Args:
         model: A transformers ``*ForCausalLM`` (``.model.layers``).
-        mesh: A 1-D ``DeviceMesh`` (default: all ranks, on the model's device type).
+        device: Where the shards live: this rank's device, i.e. the current
+            CUDA device for a GPU (default: where the model's parameters are).
+            What stays whole (``lm_head``) is moved there too.
+        mesh: A 1-D ``DeviceMesh`` (default: all ranks, on ``device``'s type).
         reshard_after_forward: Free each layer's gathered weights after its
             forward (gathered again for backward); False trades memory for
             one all-gather per layer and step.
@@ -169,11 +178,11 @@ def shard_model(
         # leave all but one rank empty; dimension 1 splits evenly.
         return Shard(1) if id(param) in packed else None
 
+    target = torch.device(device) if device is not None else next(model.parameters()).device
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        device = next(model.parameters()).device
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mesh = init_device_mesh(target.type, (dist.get_world_size(),))
     for layer in layers:
         fully_shard(
             layer,
@@ -184,6 +193,11 @@ def shard_model(
     body_class = type(body)
     fully_shard(body, mesh=mesh, shard_placement_fn=placement)
     _keep_output_recording(body_class, type(body))
+    # fully_shard moved what it manages; the rest (lm_head) follows. The
+    # sharded body must not be moved again (.to() cannot swap DTensors).
+    for child in model.children():
+        if child is not body:
+            child.to(target)
     return model
 
 
@@ -303,7 +317,7 @@ def full_lora_state_dict(adapted: Any) -> dict[str, torch.Tensor]:
         adapted: An ``AdaptedModel`` (sharded or not).
 
     Returns:
-        Name → full tensor, as :meth:`AdaptedModel.lora_state_dict` names them;
+        Name → full tensor, as ``AdaptedModel.lora_state_dict`` names them;
         fresh CPU copies.
     """
     from torch.distributed.tensor import DTensor
