@@ -178,6 +178,8 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
         torch.cuda.reset_peak_memory_stats()
+    # What the allocator still holds once sharded: about half the weights.
+    after_shard = torch.cuda.memory_allocated() if cuda else 0
     tokenizer = mixtral_v1()
     corpus = ChunkedCorpus.from_folder(_sample(), tokenizer, max_length=args.max_length)
     clock = _Clock(args.warmup, cuda)
@@ -210,6 +212,7 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
             "rank": rank,
             "weights_bytes": rank_bytes,
             "weights_4bit_bytes": rank_4bit,
+            "allocated_after_shard_gib": round(after_shard / 2**30, 3),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if cuda
             else None,

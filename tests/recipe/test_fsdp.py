@@ -194,9 +194,10 @@ def _tiny_4bit() -> nn.Module:
 
 
 def test_make_4bit_shardable_keeps_the_state_dict_and_is_idempotent() -> None:
-    from mixtune.model import Packed4bit
+    from mixtune.model import Packed4bit, census
 
     model = _tiny_4bit()
+    census_before = census(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bytes_before = packed_4bit_bytes(model)
     moved = make_4bit_shardable(model)
@@ -213,6 +214,8 @@ def test_make_4bit_shardable_keeps_the_state_dict_and_is_idempotent() -> None:
         assert torch.equal(after[k], v)
     assert packed_4bit_bytes(model) == bytes_before
     assert make_4bit_shardable(model) == 0
+    # The census still counts them as 4-bit storage.
+    assert census(model) == census_before
     # The weights still dequantize to the same values.
     layer: Any = model.model.layers[0]
     x = torch.randn(3, 64)

@@ -184,7 +184,7 @@ def publish(
             writing or uploading fails.
     """
     dest = Path(dest)
-    if has_sharded_lora(result.model):
+    if has_sharded_lora(getattr(result, "model", None)):
         # Trained with sharding="fsdp2": every rank holds a shard of each LoRA
         # factor. All ranks gather them (a collective, so it comes before the
         # rank check); rank 0 then writes the whole adapter as usual.
