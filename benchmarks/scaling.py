@@ -20,14 +20,15 @@ CPU smoke check (a tiny model, gloo; its numbers say nothing about GPUs)::
 
 FSDP2 (``--fsdp2``): a model whose 4-bit weights exceed one card's stated
 budget, trained sharded on 2 GPUs with ``RunSettings(sharding="fsdp2")``.
-The full 32-layer Mixtral-8x7B shape is built directly in NF4 on every rank
-(``mixtune.model.random_quantized``, ≈ 23.7 GiB, before any budget applies),
-adapted (QLoRA on attention and experts) and sharded with
-``mixtune.recipe.shard_model``; the freed copy is returned to the driver and
-only then is each process capped at ``--budget-gib`` (default 22) with
-``torch.cuda.set_per_process_memory_fraction``, under which it trains: the
-weights alone would not fit one such card. Reports each rank's weight bytes,
-the peak, tokens/s::
+Each process is capped at ``--budget-gib`` (default 22) with
+``torch.cuda.set_per_process_memory_fraction`` before anything is built. The
+full 32-layer Mixtral-8x7B shape (≈ 23.7 GiB in NF4, more than the cap) is
+built one decoder layer at a time on the GPU (``random_quantized`` of a
+one-layer model per layer) and parked in CPU memory, adapted there (QLoRA on
+attention and experts), and ``mixtune.recipe.shard_model(device=GPU)`` moves
+it back a layer at a time keeping this rank's half: no GPU ever holds the
+whole model. Reports each rank's weight bytes, the peaks of build, sharding
+and training, and tokens/s::
 
     PYTHONPATH=src python benchmarks/scaling.py --fsdp2 --procs 2 --out benchmarks/results/fsdp2.json
 
@@ -125,13 +126,57 @@ def _sample() -> Path:
     )
 
 
+def build_layerwise(config: Any, quant: Any, dtype: torch.dtype, device: str, seed: int) -> Any:
+    """A random 4-bit model built one decoder layer at a time on ``device``, kept on the CPU.
+
+    ``random_quantized`` builds a whole model where it will live; to keep
+    the GPU from ever holding all of it, each layer is drawn and quantized
+    on ``device`` as the only layer of a one-layer model (seed ``seed + i``),
+    then parked in CPU memory, and the layers are put together in the first
+    model's body. ``shard_model(..., device=GPU)`` later moves them back one
+    at a time, keeping only this rank's share.
+
+    Returns:
+        A ``LoadedModel`` on the CPU with ``config.num_hidden_layers`` layers.
+    """
+    import copy
+    import gc
+
+    import attrs
+
+    from mixtune.model import random_quantized
+
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    host: Any = None
+    layers = []
+    for i in range(int(config.num_hidden_layers)):
+        loaded = random_quantized(
+            one, quant=quant, dtype=dtype, device_map=device, seed=seed + i, progress=False
+        )
+        if host is None:
+            host = loaded
+            host.model.to("cpu")  # embeddings, norm, lm_head and layer 0
+        layer = loaded.model.model.layers[0].to("cpu")
+        layer.self_attn.layer_idx = i
+        layers.append(layer)
+        # Free this build's GPU leftovers (its embeddings) before the next one.
+        del loaded
+        gc.collect()
+    model = host.model
+    model.model.layers = torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    model.model.config.num_hidden_layers = len(layers)
+    return attrs.evolve(host, config=model.config, device=torch.device("cpu"))
+
+
 def fsdp2_worker(args: argparse.Namespace) -> None:
-    """One rank of the FSDP2 run: build in 4 bits, adapt, shard, cap memory, fit."""
+    """One rank of the FSDP2 run: cap memory, build layer by layer, adapt, shard, fit."""
     import torch.distributed as dist
 
     from mixtune.adapter import AdapterSpec
     from mixtune.corpus import ChunkedCorpus
-    from mixtune.model import QuantSpec, mixtral_8x7b_config, random_quantized
+    from mixtune.model import QuantSpec, mixtral_8x7b_config
     from mixtune.recipe import Recipe, RunSettings, local_device
     from mixtune.recipe._fsdp import local_bytes, packed_4bit_bytes, shard_model
     from mixtune.tokenizers import mixtral_v1
@@ -149,14 +194,19 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
         if args.tiny
         else mixtral_8x7b_config(args.layers, max_position_embeddings=4096, router_jitter_noise=0.0)
     )
+    budget = int(args.budget_gib * 2**30)
+    if cuda:
+        # From here on this process may not use more than the budget: the
+        # card it simulates could not hold the model's weights.
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
     t0 = time.perf_counter()
-    loaded = random_quantized(
+    loaded = build_layerwise(
         config,
-        quant=QuantSpec.nf4() if cuda else QuantSpec.nf4(compute_dtype=torch.float32),
-        dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map=device,
+        QuantSpec.nf4() if cuda else QuantSpec.nf4(compute_dtype=torch.float32),
+        torch.bfloat16 if cuda else torch.float32,
+        device,
         seed=0,
-        progress=False,
     )
     build_s = time.perf_counter() - t0
     build_peak = torch.cuda.max_memory_allocated() if cuda else 0
@@ -165,20 +215,14 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
     model = adapted.model
     full_bytes = local_bytes(model)
     full_4bit = packed_4bit_bytes(model)
-    shard_model(model)
+    t0 = time.perf_counter()
+    # Each layer goes to this rank's GPU, is split, and only its share stays.
+    shard_model(model, device=device)
+    shard_s = time.perf_counter() - t0
     rank_bytes = local_bytes(model)
     rank_4bit = packed_4bit_bytes(model)
-    budget = int(args.budget_gib * 2**30)
-    if cuda:
-        # The unsharded copy is garbage now; give it back before the cap.
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
-        torch.cuda.reset_peak_memory_stats()
-    # What the allocator still holds once sharded: about half the weights.
+    shard_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    # What the allocator holds once sharded: about 1/N of the weights.
     after_shard = torch.cuda.memory_allocated() if cuda else 0
     tokenizer = mixtral_v1()
     corpus = ChunkedCorpus.from_folder(_sample(), tokenizer, max_length=args.max_length)
@@ -239,6 +283,8 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
         "fits_one_budget": full_bytes < budget if cuda else None,
         "build_s": round(build_s, 2),
         "build_peak_gib": round(build_peak / 2**30, 3),
+        "shard_s": round(shard_s, 2),
+        "shard_peak_gib": round(shard_peak / 2**30, 3),
         "ranks": per_rank,
         "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_per_proc": round(tok_s / world, 1),
