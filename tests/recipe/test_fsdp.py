@@ -281,3 +281,32 @@ def test_lora_on_lm_head_is_refused(one_rank_group: Any) -> None:
 def test_a_model_without_decoder_layers_is_refused(one_rank_group: Any) -> None:
     with pytest.raises(ConfigError, match=r"\.model\.layers"):
         shard_model(nn.Linear(4, 4))
+
+
+def test_gathered_lora_swaps_whole_factors_in_and_the_shards_back(one_rank_group: Any) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from mixtune.recipe import gathered_lora, load_full_lora_state_dict
+
+    adapted: Any = _fsdp_worker.adapted_model()
+    model = adapted.model
+    shard_model(model)
+    assert has_sharded_lora(adapted)
+    shards = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(isinstance(p, DTensor) for p in shards.values())
+    with gathered_lora(adapted):
+        inside = adapted.lora_state_dict()
+        assert not any(isinstance(t, DTensor) for t in inside.values())
+        assert not has_sharded_lora(adapted)
+    after = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(after[n] is p for n, p in shards.items())
+    # Whole factors go back in as shards; a forward and backward still run.
+    full = full_lora_state_dict(adapted)
+    changed = {k: v + 1.0 for k, v in full.items()}
+    load_full_lora_state_dict(adapted, changed)
+    for k, v in full_lora_state_dict(adapted).items():
+        torch.testing.assert_close(v, changed[k])
+    ids = torch.arange(12).view(1, 12) + 3
+    out = model.model(input_ids=ids, use_cache=False)
+    out.last_hidden_state.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in after.values())

@@ -542,11 +542,12 @@ class _MixtuneTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         loss = causal_lm_training_loss(model, inputs, num_items_in_batch=items)
-        if items is not None and self.args.average_tokens_across_devices:
+        processes = self.accelerator.num_processes
+        if items is not None and self.args.average_tokens_across_devices and processes > 1:
             # As the stock compute_loss does: the loss is divided by the tokens
             # of all ranks and the gradients are averaged over them (FSDP2's
             # reduce-scatter), so N ranks scale it back by N.
-            loss = loss * self.accelerator.num_processes
+            loss = loss * processes
         return loss
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
