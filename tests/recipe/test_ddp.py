@@ -152,12 +152,15 @@ def test_resume_on_another_world_size_is_refused(runs: dict[str, Any]) -> None:
         _ddp_worker.train(str(tmp / "single"), tmp / "single.json", 2, 2, STEPS + 2, "resume")
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+@pytest.mark.parametrize(
+    ("variable", "says"),
+    [("ACCELERATE_USE_FSDP", "sharding='fsdp2'"), ("ACCELERATE_USE_DEEPSPEED", "does not support")],
+)
 def test_sharded_launchers_are_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, says: str
 ) -> None:
     monkeypatch.setenv(variable, "true")
-    with pytest.raises(ConfigError, match="not support yet") as info:
+    with pytest.raises(ConfigError, match=says) as info:
         _ddp_worker.train(str(tmp_path / "run"), tmp_path / "r.json", 2, 1, 2, "fresh")
     assert "multi-gpu" in str(info.value)
     assert not (tmp_path / "run").exists()

@@ -49,3 +49,41 @@ def test_scaling_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sampl
     assert 0 < run["timed_tokens"] <= 2 * 2 * 64
     assert run["tokens_per_s"] > 0
     assert run["scaling_efficiency"] == 1.0
+
+
+@pytest.mark.slow
+def test_fsdp2_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sample: Path) -> None:
+    out = tmp_path / "fsdp2.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        "MIXTUNE_SAMPLE_CORPUS": str(arxiv_sample),
+    }
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "scaling.py"),
+        "--fsdp2",
+        "--tiny",
+        "--cpu",
+        "--procs=2",
+        "--steps=3",
+        "--warmup=1",
+        "--max-length=64",
+        "--eval-rows=2",
+        f"--out={out}",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "fsdp2"
+    (run,) = report["runs"]
+    assert run["procs"] == 2
+    assert run["steps"] == 3
+    assert [r["rank"] for r in run["ranks"]] == [0, 1]
+    for rank in run["ranks"]:
+        # Each rank holds about half of the 4-bit storage (the small
+        # double-quantization state stays whole).
+        assert rank["weights_4bit_bytes"] < 0.6 * run["weights_4bit_bytes_unsharded"]
+        assert rank["weights_bytes"] < run["weights_bytes_unsharded"]
+    assert 0 < run["timed_tokens"] <= 2 * 2 * 64
+    assert run["tokens_per_s"] > 0

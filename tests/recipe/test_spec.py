@@ -65,3 +65,10 @@ def test_run_settings_validation() -> None:
 
 def test_run_settings_do_not_change_equality_of_callbacks() -> None:
     assert RunSettings(callbacks=(object(),)) == RunSettings()
+
+
+def test_run_settings_sharding() -> None:
+    assert RunSettings().sharding == "ddp"
+    assert RunSettings(sharding="fsdp2").sharding == "fsdp2"
+    with pytest.raises(ConfigError, match=r"run\.sharding='fsdp'"):
+        RunSettings(sharding="fsdp")  # type: ignore[arg-type]

@@ -245,7 +245,9 @@ def census(model: nn.Module) -> Census:
     four_bit: dict[int, tuple[bool, int]] = {}
     for module in model.modules():
         if isinstance(module, Packed4bit):
-            for bname, buf in module.named_buffers(recurse=False):
+            # Buffers, or frozen parameters once made shardable for FSDP2.
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for bname, buf in own:
                 # The packed data holds the weights (two per byte); the rest is quantization state.
                 is_data = bname == "data"
                 four_bit[id(buf)] = (is_data, module.count * module.numel if is_data else 0)

@@ -15,6 +15,7 @@ import torch
 from mixtune.errors import MixtuneError, PublishError
 from mixtune.publish._card import loss_curve_png, model_card
 from mixtune.publish._specs import SCHEMA_VERSION, spec_to_dict
+from mixtune.recipe._fsdp import gathered_lora, has_sharded_lora, is_sharded
 
 __all__ = ["PublishResult", "publish"]
 
@@ -155,7 +156,10 @@ def publish(
     Under ``torch.distributed`` (``accelerate launch``/``torchrun``) only
     global rank 0 publishes; every other rank returns at once a result with
     ``files=()`` and ``skipped_rank`` set, so the same script runs on every
-    rank. Rank 0 does not wait for the others, nor they for it.
+    rank. Rank 0 does not wait for the others, nor they for it. A model
+    trained with ``RunSettings(sharding="fsdp2")`` is the exception: every
+    rank must call ``publish``, since all of them first gather the whole LoRA
+    factors (``merge=True`` is refused there, the base being sharded).
 
     Args:
         result: The ``FitResult`` of :meth:`mixtune.recipe.Recipe.fit`.
@@ -175,10 +179,31 @@ def publish(
 
     Raises:
         PublishError: If ``dest`` is not empty and ``overwrite`` is False,
+            ``merge`` is asked of a model sharded with FSDP2,
             ``repo_id`` is missing, the merged model's logits disagree, or
             writing or uploading fails.
     """
     dest = Path(dest)
+    if has_sharded_lora(getattr(result, "model", None)):
+        # Trained with sharding="fsdp2": every rank holds a shard of each LoRA
+        # factor. All ranks gather them (a collective, so it comes before the
+        # rank check); rank 0 then writes the whole adapter as usual.
+        if merge and is_sharded(result.model.model):
+            raise PublishError(
+                "merge=True needs the whole base model in one process, but this one is "
+                "sharded (sharding='fsdp2'); publish the adapter (merge=False), then merge "
+                "it in one process that holds the base"
+            )
+        with gathered_lora(result.model):
+            return publish(
+                result,
+                dest,
+                merge=merge,
+                push_to_hub=push_to_hub,
+                repo_id=repo_id,
+                private=private,
+                overwrite=overwrite,
+            )
     rank = _distributed_rank()
     if rank != 0:
         # Rank 0 holds the same weights (DDP keeps them identical); a second

@@ -9,7 +9,10 @@ RNG and would change the training run it is called from).
 Under DDP every rank evaluates the rows ``rank, rank + N, rank + 2N, ...``
 (no padding, so no row counts twice and none is skipped) and the summed
 loss, token and routing counts are all-reduced, so every rank returns the
-same numbers a single process would (up to float summation order).
+same numbers a single process would (up to float summation order). With
+the model sharded (FSDP2) every forward gathers weights from all ranks, so
+``lockstep=True`` makes every rank run the same number of batches: a rank
+whose rows ran out repeats its first batch and leaves it out of the sums.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def evaluate(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     world: World | None = None,
+    lockstep: bool = False,
 ) -> EvalStats:
     """Compute the LM loss and routing load of ``model`` on ``dataset``.
 
@@ -69,6 +73,8 @@ def evaluate(
         autocast_dtype: Autocast dtype (bf16 on CUDA), or ``None``.
         world: The process group; each rank evaluates its share of the rows
             and the totals are summed over ranks (``None``: one process).
+        lockstep: Run as many forwards on every rank as on the busiest one
+            (needed when the model is sharded, where a forward is a collective).
 
     Returns:
         The :class:`EvalStats` (the same on every rank).
@@ -95,8 +101,15 @@ def evaluate(
     )
     try:
         with torch.no_grad(), ctx:
-            for start in range(0, len(mine), batch_size):
-                rows = dataset[mine[start : start + batch_size]]
+            # Every rank's share has at most ceil(n / size) rows.
+            busiest = -(-n // world.size)
+            batches = -(-busiest // batch_size) if lockstep else -(-len(mine) // batch_size)
+            for batch in range(batches):
+                start = batch * batch_size
+                counted = start < len(mine)
+                # A rank that is out of rows runs a batch it throws away.
+                picked = mine[start : start + batch_size] if counted else [0]
+                rows = dataset[picked]
                 inputs = {
                     k: torch.as_tensor(rows[k], dtype=torch.long, device=device)
                     for k in _COLUMNS
@@ -108,6 +121,8 @@ def evaluate(
                 extra = {"output_router_logits": True} if route else {}
                 body: Any = model.model
                 out = body(**model_inputs(inputs), use_cache=False, **extra)
+                if not counted:
+                    continue
                 lm_head: Any = model.lm_head
                 total_loss += chunked_causal_lm_loss(
                     out.last_hidden_state, lm_head, labels, reduction="sum"

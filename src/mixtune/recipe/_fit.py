@@ -17,7 +17,14 @@ and shards the training batches by rank; mixtune's own parts are made
 rank-aware: rank 0 alone writes checkpoints (every rank adds its RNG state
 first), evaluation splits the rows between ranks and all-reduces the sums,
 the NaN check and the token count use the loss and tokens of all ranks, so
-every rank stops at the same step. FSDP and DeepSpeed are refused.
+every rank stops at the same step.
+
+With ``RunSettings(sharding="fsdp2")`` fit shards the model itself with
+FSDP2 (:mod:`mixtune.recipe._fsdp`) and marks it prepared, so accelerate
+adds only autocast and no DDP wrapper; checkpoints then gather the whole
+LoRA factors and optimizer state to rank 0, evaluation runs the same number
+of forwards on every rank (each one gathers weights from all of them), and
+resume spreads them back. accelerate's own FSDP and DeepSpeed are refused.
 
 The Trainer refuses to train "purely quantized" models that are not PEFT
 models, but it recognises them only by transformers' ``hf_quantizer``/
@@ -56,12 +63,23 @@ from mixtune.recipe._dist import (
     local_device,
 )
 from mixtune.recipe._eval import EvalStats, evaluate
+from mixtune.recipe._fsdp import (
+    full_lora_state_dict,
+    load_full_lora_state_dict,
+    local_bytes,
+    reshard_all,
+    shard_model,
+)
 from mixtune.recipe._loss import causal_lm_training_loss, model_inputs
 from mixtune.recipe._preflight import check_preflight, estimate_memory
 from mixtune.recipe._result import FitResult, LossPoint
 from mixtune.recipe._spec import Recipe
 
 __all__ = ["fit"]
+
+# The Trainer's own file names, so a checkpoint looks the same either way.
+_OPTIMIZER_FILE = "optimizer.pt"
+_SCHEDULER_FILE = "scheduler.pt"
 
 
 def _resolve_adapted(model: Any, adapter: Any, seed: int) -> Any:
@@ -97,13 +115,21 @@ def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
     sharded = fsdp_or_deepspeed_requested()
     if sharded is not None:
         problems.append(_sharded_refusal(sharded))
+    fsdp2 = recipe.run.sharding == "fsdp2"
     optim = recipe.optimizer
     if optim == "auto":
-        optim = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
+        # bitsandbytes' 8-bit optimizers run their kernels on plain tensors,
+        # not on the DTensor shards FSDP2 leaves; the LoRA state is small.
+        optim = "paged_adamw_8bit" if device.type == "cuda" and not fsdp2 else "adamw_torch"
     if optim == "paged_adamw_8bit" and device.type != "cuda":
         problems.append(
             "optimizer='paged_adamw_8bit' needs CUDA (bitsandbytes' paged optimizers); "
             "use optimizer='auto' or 'adamw_torch' on CPU"
+        )
+    elif optim == "paged_adamw_8bit" and fsdp2:
+        problems.append(
+            "optimizer='paged_adamw_8bit' cannot update FSDP2's sharded LoRA factors "
+            "(run.sharding='fsdp2'); use optimizer='auto' or 'adamw_torch'"
         )
     precision = recipe.precision
     if precision == "auto":
@@ -123,11 +149,18 @@ def _runtime_problems(recipe: Recipe, device: torch.device) -> tuple[str, bool]:
 
 
 def _sharded_refusal(name: str) -> str:
+    if name == "FSDP":
+        return (
+            "the launcher asks for accelerate's FSDP, which cannot shard mixtune's 4-bit "
+            "storage. Launch without --use_fsdp (and without an accelerate config that "
+            "selects FSDP) and set Recipe(run=RunSettings(sharding='fsdp2')): fit then "
+            "shards the model itself; see docs/howto/multi-gpu.md"
+        )
     return (
-        f"the launcher asks for {name}, which Recipe.fit does not support yet: each rank must "
-        "hold the whole 4-bit model. Launch plain DDP instead (accelerate launch "
-        "--num_processes N, without --use_fsdp/--use_deepspeed or an accelerate config that "
-        "selects them); see docs/howto/multi-gpu.md"
+        f"the launcher asks for {name}, which Recipe.fit does not support: launch plain DDP "
+        "(accelerate launch --num_processes N, without --use_deepspeed or an accelerate "
+        "config that selects it) or, for a model too large for one GPU, FSDP2 with "
+        "RunSettings(sharding='fsdp2'); see docs/howto/multi-gpu.md"
     )
 
 
@@ -211,8 +244,11 @@ def fit(
     """Train the LoRA weights of ``model`` on ``corpus`` following ``recipe``.
 
     Runs unchanged under ``accelerate launch``/``torchrun`` (DDP): every rank
-    returns the same metrics, only rank 0 writes checkpoints; FSDP and
-    DeepSpeed raise :class:`~mixtune.errors.ConfigError`.
+    returns the same metrics, only rank 0 writes checkpoints. With
+    ``RunSettings(sharding="fsdp2")`` fit first shards the model over the
+    ranks with FSDP2 (see :func:`~mixtune.recipe.shard_model`); the returned
+    adapter then stays sharded (publish gathers it). accelerate's own FSDP
+    (``--use_fsdp``) and DeepSpeed raise :class:`~mixtune.errors.ConfigError`.
 
     Args:
         recipe: The recipe.
@@ -267,24 +303,6 @@ def fit(
         raise ConfigError("the corpus' train split is empty; add documents or change fractions")
     seq_len = len(train_ds[0]["input_ids"])
 
-    est = estimate_memory(
-        hf_model,
-        batch_size=recipe.batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        optimizer=optim,
-        activation_dtype=torch.bfloat16 if bf16 else torch.float32,
-        device=device,
-        available=recipe.run.memory_budget_bytes,
-        weights_bytes=_census_bytes(adapted),
-    )
-    check_preflight(
-        est,
-        batch_size=recipe.batch_size,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        quantized=_is_quantized(hf_model),
-    )
-
     cfg: Any = hf_model.config
     saved_cfg = (cfg.use_cache, getattr(cfg, "output_router_logits", False))
     saved_coef = getattr(hf_model, "router_aux_loss_coef", None)
@@ -330,6 +348,30 @@ def fit(
     )
     # Reading args.device sets up the process group under a launcher.
     world = current_world(args.device)
+    fsdp2 = recipe.run.sharding == "fsdp2" and world.size > 1
+    if fsdp2:
+        # Before the pre-flight check (which then counts this rank's shards)
+        # and before the Trainer builds the optimizer over the parameters. A
+        # model still on the CPU is moved to this rank's GPU a layer at a time.
+        shard_model(hf_model, device=device)
+        model_device = device
+    est = estimate_memory(
+        hf_model,
+        batch_size=recipe.batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        optimizer=optim,
+        activation_dtype=torch.bfloat16 if bf16 else torch.float32,
+        device=device,
+        available=recipe.run.memory_budget_bytes,
+        weights_bytes=local_bytes(hf_model) if fsdp2 else _census_bytes(adapted),
+    )
+    check_preflight(
+        est,
+        batch_size=recipe.batch_size,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        quantized=_is_quantized(hf_model),
+    )
     if start_from is not None:
         saved_world = checkpoint_world_size(start_from)
         if saved_world != world.size:
@@ -340,7 +382,7 @@ def fit(
             )
 
     def run_eval(split: str) -> EvalStats:
-        return evaluate(
+        stats = evaluate(
             hf_model,
             datasets[split],
             batch_size=recipe.batch_size,
@@ -348,7 +390,11 @@ def fit(
             device=model_device if model_device.type == device.type else device,
             autocast_dtype=autocast,
             world=world,
+            lockstep=fsdp2,
         )
+        if fsdp2:
+            reshard_all(hf_model)
+        return stats
 
     trainer = _MixtuneTrainer(
         model=hf_model,
@@ -359,6 +405,7 @@ def fit(
         mixtune_adapted=adapted,
         mixtune_keep=recipe.run.save_total_limit,
         mixtune_world=world,
+        mixtune_fsdp2=fsdp2,
     )
     for name, flag in (("FSDP", "is_fsdp_enabled"), ("DeepSpeed", "is_deepspeed_enabled")):
         # An accelerate config file can select these without the variables.
@@ -378,7 +425,11 @@ def fit(
         torch.cuda.reset_peak_memory_stats(device)
     before = run_eval("test")
 
-    if world.size > 1:
+    if fsdp2:
+        # A model accelerate has prepared is not prepared (wrapped in DDP)
+        # again by the Trainer; evaluation mode applies autocast only.
+        trainer.accelerator.prepare_model(hf_model, device_placement=False, evaluation_mode=True)
+    elif world.size > 1:
         _keep_frozen_out_of_ddp(hf_model)
     cfg.use_cache = False
     cfg.output_router_logits = recipe.router_aux_loss_coef > 0
@@ -429,9 +480,11 @@ class _MixtuneTrainer(Trainer):
         mixtune_adapted: Any,
         mixtune_keep: int | None,
         mixtune_world: World,
+        mixtune_fsdp2: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.mixtune_fsdp2 = mixtune_fsdp2
         self.mixtune_adapted = mixtune_adapted
         self.mixtune_keep = mixtune_keep
         self.mixtune_world = mixtune_world
@@ -481,20 +534,33 @@ class _MixtuneTrainer(Trainer):
         # The stock path projects the whole batch to the vocabulary at once
         # (GBs of logits for 8 x 1200 tokens); the chunked loss gives the
         # same value. A wrapped model (DDP) must run its own forward so its
-        # gradient hooks fire, so it keeps the stock path.
+        # gradient hooks fire, so it keeps the stock path; an FSDP2-sharded
+        # one is not wrapped (its hooks sit on the decoder body) and takes
+        # the chunked path.
         if return_outputs or self.accelerator.unwrap_model(model) is not model:
             inputs = {**inputs, **model_inputs(inputs)}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return causal_lm_training_loss(
-            model,
-            inputs,
-            num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
-        )
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = causal_lm_training_loss(model, inputs, num_items_in_batch=items)
+        processes = self.accelerator.num_processes
+        if items is not None and self.args.average_tokens_across_devices and processes > 1:
+            # As the stock compute_loss does: the loss is divided by the tokens
+            # of all ranks and the gradients are averaged over them (FSDP2's
+            # reduce-scatter), so N ranks scale it back by N.
+            loss = loss * processes
+        return loss
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(str(self.args.output_dir))
         world = self.mixtune_world
         step = int(self.state.global_step)
+        optimizer_state: dict[str, Any] | None = None
+        if self.mixtune_fsdp2:
+            # Gathering is a collective: every rank takes part, rank 0 writes.
+            lora = full_lora_state_dict(self.mixtune_adapted)
+            optimizer_state = self._full_optimizer_state()
+        else:
+            lora = self.mixtune_adapted.lora_state_dict()
         if not world.is_main:
             # Rank 0 creates the partial folder, each rank adds its own RNG
             # state (resume restores them per rank), rank 0 completes it.
@@ -505,7 +571,12 @@ class _MixtuneTrainer(Trainer):
             return
 
         def write_rest(folder: Path) -> None:
-            self._save_optimizer_and_scheduler(str(folder))
+            if optimizer_state is None:
+                self._save_optimizer_and_scheduler(str(folder))
+            else:
+                scheduler: Any = self.lr_scheduler
+                torch.save(optimizer_state, folder / _OPTIMIZER_FILE)
+                torch.save(scheduler.state_dict(), folder / _SCHEDULER_FILE)
             self._save_scaler(str(folder))
             world.barrier()
             self._save_rng_state(str(folder))
@@ -515,7 +586,7 @@ class _MixtuneTrainer(Trainer):
         write_checkpoint(
             run_dir,
             step,
-            self.mixtune_adapted.lora_state_dict(),
+            lora,
             write_rest,
             meta={"format": "mixtune-checkpoint/1", "world_size": world.size},
         )
@@ -527,8 +598,51 @@ class _MixtuneTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
-        self.mixtune_adapted.load_lora_state_dict(
-            load_adapter_weights(Path(resume_from_checkpoint))
+        weights = load_adapter_weights(Path(resume_from_checkpoint))
+        if self.mixtune_fsdp2:
+            load_full_lora_state_dict(self.mixtune_adapted, weights)
+        else:
+            self.mixtune_adapted.load_lora_state_dict(weights)
+
+    def _full_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state with whole tensors under parameter names, on rank 0's CPU."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+        model: Any = self.model
+        state: dict[str, Any] = get_optimizer_state_dict(
+            model,
+            optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+        return state
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.mixtune_fsdp2 or checkpoint is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        folder = Path(checkpoint)
+        # Every rank reads rank 0's whole state and keeps its own shards.
+        state = torch.load(folder / _OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+        model: Any = self.model
+        scheduler: Any = self.lr_scheduler
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        scheduler.load_state_dict(
+            torch.load(folder / _SCHEDULER_FILE, map_location="cpu", weights_only=True)
         )
 
 

@@ -92,7 +92,11 @@ class FitResult:
 
     Attributes:
         recipe: The recipe that ran.
-        model: The trained ``AdaptedModel`` (LoRA weights in place).
+        model: The trained ``AdaptedModel`` (LoRA weights in place). After a
+            run with ``RunSettings(sharding="fsdp2")`` on several processes
+            it stays sharded: its factors are ``DTensor`` shards, whole ones
+            come from :func:`~mixtune.recipe.full_lora_state_dict` (called
+            on every rank).
         corpus: The corpus trained on.
         train_loss: Training loss every ``logging_steps``.
         eval_loss: Validation loss every ``eval_steps`` and at the end.

@@ -22,6 +22,7 @@ _PRECISIONS = ("auto", "bf16", "fp32")
 _LAYOUTS = ("padded", "packed")
 _DEVICES = ("auto", "cpu", "cuda")
 _BACKENDS = ("tensorboard", "wandb")
+_SHARDINGS = ("ddp", "fsdp2")
 
 
 def _tuple_of_str(value: Any) -> tuple[str, ...]:
@@ -50,6 +51,15 @@ class RunSettings:
             instead of asking the device (for tests and for leaving headroom).
         callbacks: Extra ``transformers.TrainerCallback`` objects (run-time
             hooks; not compared, not saved).
+        sharding: How several processes (``torchrun``/``accelerate launch``)
+            share the model. ``"ddp"`` (default): every rank holds the whole
+            4-bit model and the LoRA gradients are all-reduced. ``"fsdp2"``:
+            ``fit`` shards the decoder layers, 4-bit weights included, over the
+            ranks with PyTorch's FSDP2, so each holds about ``1/N`` of them
+            (for models whose 4-bit weights do not fit one GPU); LoRA on
+            ``lm_head`` and bitsandbytes' paged optimizer are not available
+            then. A plain ``python`` run (no process group) has nothing to
+            shard and trains as one process either way.
     """
 
     output_dir: Path = attrs.field(default=Path("mixtune-run"), converter=Path)
@@ -61,9 +71,15 @@ class RunSettings:
     save_total_limit: int | None = None
     memory_budget_bytes: int | None = None
     callbacks: tuple[Any, ...] = attrs.field(default=(), converter=tuple, eq=False, repr=False)
+    sharding: Literal["ddp", "fsdp2"] = "ddp"
 
     def __attrs_post_init__(self) -> None:
         problems = []
+        if self.sharding not in _SHARDINGS:
+            problems.append(
+                f"run.sharding={self.sharding!r}: use 'ddp' (each GPU holds the whole model) "
+                "or 'fsdp2' (the model is split between the GPUs)"
+            )
         if self.device not in _DEVICES:
             problems.append(f"run.device={self.device!r}: use one of {', '.join(_DEVICES)}")
         for backend in self.report_to:
