@@ -252,6 +252,7 @@ class Packed4bit(nn.Module):
 
     data: torch.Tensor
     absmax: torch.Tensor
+    _storage_dtypes: dict[str, torch.dtype]
     absmax2: torch.Tensor
     offset: torch.Tensor
     code2: torch.Tensor
@@ -283,6 +284,7 @@ class Packed4bit(nn.Module):
         self.register_buffer(
             "absmax", torch.zeros(count, blocks, dtype=absmax_dtype, device=device)
         )
+        self._storage_dtypes = {"data": torch.uint8, "absmax": absmax_dtype}
         if quant.double_quant:
             blocks2 = math.ceil(blocks / NESTED_BLOCK_SIZE)
             self.register_buffer(
@@ -290,6 +292,23 @@ class Packed4bit(nn.Module):
             )
             self.register_buffer("offset", torch.zeros(count, dtype=torch.float32, device=device))
             self.register_buffer("code2", torch.zeros(256, dtype=torch.float32, device=device))
+
+    def raw(self, name: str) -> torch.Tensor:
+        """Storage tensor ``name`` in its own dtype (uint8 nibbles, uint8/fp32 scales).
+
+        Sharding with FSDP2 may hold the uint8 tensors as a float view of the
+        same bytes (``mixtune.recipe.make_4bit_shardable``: older FSDP2 cannot
+        make parameters of integer dtype); this views them back.
+
+        Args:
+            name: ``"data"``, ``"absmax"``, ``"absmax2"``, ``"offset"`` or ``"code2"``.
+
+        Returns:
+            The tensor, or a view of it, in the dtype it was created with.
+        """
+        tensor: torch.Tensor = getattr(self, name)
+        want = self._storage_dtypes.get(name, tensor.dtype)
+        return tensor if tensor.dtype == want else tensor.view(want)
 
     @property
     def numel(self) -> int:
@@ -324,8 +343,8 @@ class Packed4bit(nn.Module):
             quant_type=self.quant.method,
         )
         with torch.no_grad():
-            self.data[index].copy_(packed.reshape(-1))
-            self.absmax[index].copy_(state.absmax.reshape(-1))
+            self.raw("data")[index].copy_(packed.reshape(-1))
+            self.raw("absmax")[index].copy_(state.absmax.reshape(-1))
             if self.quant.double_quant:
                 self.absmax2[index].copy_(state.state2.absmax.reshape(-1))
                 self.offset[index].copy_(state.offset.reshape(()))
@@ -353,7 +372,7 @@ class Packed4bit(nn.Module):
             )
             offset = self.offset[index]
         return bnb_f.QuantState(
-            absmax=self.absmax[index],
+            absmax=self.raw("absmax")[index],
             shape=torch.Size([self.padded]),
             blocksize=self.quant.block_size,
             quant_type=self.quant.method,
@@ -377,7 +396,7 @@ class Packed4bit(nn.Module):
         kernel_dtype = dtype if dtype in _FLOAT_DTYPES else torch.float32
         bnb_f = bnb_functional()
         out: torch.Tensor = bnb_f.dequantize_4bit(
-            self.data[index].view(-1, 1), self.quant_state(index, kernel_dtype)
+            self.raw("data")[index].view(-1, 1), self.quant_state(index, kernel_dtype)
         )
         out = out.reshape(-1)[: self.numel].view(self.shape)
         return out.to(dtype) if out.dtype != dtype else out
@@ -410,7 +429,7 @@ class Packed4bit(nn.Module):
         kernel_dtype = dtype if dtype in _FLOAT_DTYPES else torch.float32
         bnb_f = bnb_functional()
         count = stop - start
-        absmax = self.absmax[start:stop]
+        absmax = self.raw("absmax")[start:stop]
         if self.quant.double_quant:
             blocks = absmax.shape[1]
             scales = self.absmax2[start:stop].repeat_interleave(NESTED_BLOCK_SIZE, dim=1)
@@ -422,7 +441,8 @@ class Packed4bit(nn.Module):
             quant_type=self.quant.method,
             dtype=kernel_dtype,
         )
-        flat: torch.Tensor = bnb_f.dequantize_4bit(self.data[start:stop].reshape(-1, 1), state)
+        data = self.raw("data")[start:stop]
+        flat: torch.Tensor = bnb_f.dequantize_4bit(data.reshape(-1, 1), state)
         stack = flat.view(count, self.padded)
         if self.padded != self.numel:
             stack = stack[:, : self.numel].contiguous()
@@ -430,8 +450,9 @@ class Packed4bit(nn.Module):
         return stack.to(dtype) if stack.dtype != dtype else stack
 
     def nbytes(self) -> int:
-        """Bytes held by all buffers (packed weights plus quantization state)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held (packed weights plus quantization state), as buffers or parameters."""
+        held = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def extra_repr(self) -> str:
         return f"count={self.count}, shape={self.shape}, method={self.quant.method}, double_quant={self.quant.double_quant}"

@@ -12,8 +12,12 @@ mixtune keeps its 4-bit weights in :class:`~mixtune.model.Packed4bit`
 *buffers*, which FSDP2 leaves whole on every rank. :func:`make_4bit_shardable`
 re-registers their two large tensors, ``data`` (the packed nibbles, uint8)
 and ``absmax`` (the per-block scales), as frozen parameters of the same
-name and dtype; FSDP2 all-gathers parameters of any dtype, so no float
-storage type is needed. Both are ``(count, n)`` tensors whose first
+name. Integer tensors are held as a bfloat16 *view* of the same bytes
+(``Packed4bit.raw`` views them back): FSDP2 in torch 2.11 wraps every shard
+in ``nn.Parameter(...)`` with its default ``requires_grad=True`` before
+freezing it, which integer dtypes refuse (seen on the GPU machine; torch
+2.13 accepts uint8). FSDP2 is not given a mixed-precision policy, so the
+view is never cast. Both are ``(count, n)`` tensors whose first
 dimension is the number of experts (1 for a linear layer), so
 :func:`shard_model` splits them on dimension 1, which every rank gets an
 even share of. The small quantization state (``absmax2``, ``offset``,
@@ -65,9 +69,11 @@ SHARDED_4BIT = ("data", "absmax")
 def make_4bit_shardable(model: nn.Module) -> int:
     """Turn the large buffers of every :class:`~mixtune.model.Packed4bit` into frozen parameters.
 
-    ``data`` and ``absmax`` keep their name, dtype, device and values (the
-    state dict does not change); they become ``nn.Parameter(requires_grad=False)``
-    so that FSDP2 shards them. Calling it again does nothing.
+    ``data`` and ``absmax`` keep their name, device and bytes; they become
+    ``nn.Parameter(requires_grad=False)`` so that FSDP2 shards them, uint8
+    ones as a bfloat16 view of the same bytes (an odd-length uint8 row,
+    which cannot be viewed so, stays a replicated buffer). Calling it again
+    does nothing.
 
     Args:
         model: Any module; its Packed4bit submodules are changed in place.
@@ -82,9 +88,14 @@ def make_4bit_shardable(model: nn.Module) -> int:
         for name in SHARDED_4BIT:
             if name not in module._buffers:
                 continue
-            tensor = module._buffers.pop(name)
+            tensor = module._buffers.get(name)
             if tensor is None:
                 continue
+            if tensor.dtype == torch.uint8:
+                if tensor.shape[-1] % 2:
+                    continue
+                tensor = tensor.view(torch.bfloat16)
+            del module._buffers[name]
             module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
             moved += 1
     return moved
