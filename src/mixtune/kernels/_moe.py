@@ -250,7 +250,7 @@ def moe_grouped_forward(
         top_k_index: ``(T, k)`` chosen experts.
         top_k_weights: ``(T, k)`` their router weights.
         gate_up: ``(E, 2I, H)`` frozen weights, gate rows then up rows, or a
-            function producing a range of experts' stack (:data:`ExpertStack`).
+            function producing a range of experts' stack (``mixtune.kernels.ExpertStack``).
         down: ``(E, H, I)`` frozen weights, or such a function.
         act_fn: the gate activation (SiLU for Mixtral).
         lora: optional per-expert LoRA factors.

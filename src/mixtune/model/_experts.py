@@ -281,7 +281,7 @@ class MoEExperts(nn.Module):
 
         4-bit storage gives functions that dequantize a range of experts on
         demand, with as many experts per chunk as fit
-        :attr:`dequant_chunk_bytes`; plain storage gives the (detached)
+        ``dequant_chunk_bytes``; plain storage gives the (detached)
         parameters themselves and no chunking.
 
         Args:
