@@ -422,6 +422,9 @@ def main() -> None:
             setattr(args, name, value)
     if args.worker:
         fsdp2_worker(args) if args.fsdp2 else worker(args)
+        # End cleanly: torch 2.11's gloo aborts at exit with a live process group.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return
     from mixtune.model import random_checkpoint
 

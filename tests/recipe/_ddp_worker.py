@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from typing import Any
 
 import torch
+import torch.distributed
 from transformers import TrainerCallback
 
 from mixtune.errors import NonFiniteLossError
@@ -123,3 +124,7 @@ if __name__ == "__main__":
         int(sys.argv[5]),
         sys.argv[6],
     )
+    # torch 2.11's gloo aborts the process at exit ("terminate called without
+    # an active exception") if the process group is still alive.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -117,3 +117,7 @@ if __name__ == "__main__":
         int(sys.argv[5]),
         sys.argv[6],
     )
+    # torch 2.11's gloo aborts the process at exit ("terminate called without
+    # an active exception") if the process group is still alive.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

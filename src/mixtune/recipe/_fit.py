@@ -621,7 +621,23 @@ class _MixtuneTrainer(Trainer):
         return state
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if not self.mixtune_fsdp2 or checkpoint is None:
+        if checkpoint is None:
+            return
+        if not self.mixtune_fsdp2:
+            folder = Path(checkpoint)
+            saved = (folder / _OPTIMIZER_FILE).is_file() and (folder / _SCHEDULER_FILE).is_file()
+            if saved and self.args.world_size > 1 and self.args.device.type == "cpu":
+                # The Trainer maps the state to args.device ("cpu:0" for CPU
+                # ranks), which torch <= 2.11 cannot restore; the CPU is the CPU.
+                optimizer_: Any = self.optimizer
+                scheduler_: Any = self.lr_scheduler
+                optimizer_.load_state_dict(
+                    torch.load(folder / _OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+                )
+                scheduler_.load_state_dict(
+                    torch.load(folder / _SCHEDULER_FILE, map_location="cpu", weights_only=True)
+                )
+                return
             super()._load_optimizer_and_scheduler(checkpoint)
             return
         from torch.distributed.checkpoint.state_dict import (
