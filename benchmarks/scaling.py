@@ -170,6 +170,38 @@ def build_layerwise(config: Any, quant: Any, dtype: torch.dtype, device: str, se
     return attrs.evolve(host, config=model.config, device=torch.device("cpu"))
 
 
+def _recipe(
+    args: argparse.Namespace,
+    clock: Any,
+    cuda: bool,
+    *,
+    logging_steps: int,
+    checkpointing: bool,
+    sharding: str,
+) -> Any:
+    """The guide's QLoRA recipe as both benchmark modes run it (one eval, one save)."""
+    from mixtune.recipe import Recipe, RunSettings
+
+    return Recipe.guide_qlora(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        learning_rate=1e-3,
+        eval_steps=args.steps,
+        save_steps=args.steps,
+        logging_steps=logging_steps,
+        eval_rows=args.eval_rows,
+        gradient_checkpointing=checkpointing,
+        run=RunSettings(
+            output_dir=Path(args.result).with_suffix(".run"),
+            device="cuda" if cuda else "cpu",
+            progress=False,
+            callbacks=(clock,),
+            sharding=sharding,
+        ),
+    )
+
+
 def fsdp2_worker(args: argparse.Namespace) -> None:
     """One rank of the FSDP2 run: cap memory, build layer by layer, adapt, shard, fit."""
     import torch.distributed as dist
@@ -177,7 +209,7 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
     from mixtune.adapter import AdapterSpec
     from mixtune.corpus import ChunkedCorpus
     from mixtune.model import QuantSpec, mixtral_8x7b_config
-    from mixtune.recipe import Recipe, RunSettings, local_device
+    from mixtune.recipe import local_device
     from mixtune.recipe._fsdp import local_bytes, packed_4bit_bytes, shard_model
     from mixtune.tokenizers import mixtral_v1
 
@@ -228,24 +260,7 @@ def fsdp2_worker(args: argparse.Namespace) -> None:
     corpus = ChunkedCorpus.from_folder(_sample(), tokenizer, max_length=args.max_length)
     clock = _Clock(args.warmup, cuda)
     clock.watch(model)
-    recipe = Recipe.guide_qlora(
-        max_steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        learning_rate=1e-3,
-        eval_steps=args.steps,
-        save_steps=args.steps,
-        logging_steps=1,
-        eval_rows=args.eval_rows,
-        gradient_checkpointing=True,
-        run=RunSettings(
-            output_dir=Path(args.result).with_suffix(".run"),
-            device="cuda" if cuda else "cpu",
-            progress=False,
-            callbacks=(clock,),
-            sharding="fsdp2",
-        ),
-    )
+    recipe = _recipe(args, clock, cuda, logging_steps=1, checkpointing=True, sharding="fsdp2")
     result = recipe.fit(adapted, corpus)
     tokens = torch.tensor([clock.tokens], device=device)
     dist.all_reduce(tokens)
@@ -305,7 +320,7 @@ def worker(args: argparse.Namespace) -> None:
     from mixtune.adapter import AdapterSpec
     from mixtune.corpus import ChunkedCorpus
     from mixtune.model import QuantSpec, load_quantized
-    from mixtune.recipe import Recipe, RunSettings, local_device
+    from mixtune.recipe import local_device
     from mixtune.tokenizers import mixtral_v1
 
     cuda = not args.cpu
@@ -324,23 +339,7 @@ def worker(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t0
     corpus = ChunkedCorpus.from_folder(_sample(), tokenizer, max_length=args.max_length)
     clock = _Clock(args.warmup, cuda)
-    recipe = Recipe.guide_qlora(
-        max_steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        learning_rate=1e-3,
-        eval_steps=args.steps,
-        save_steps=args.steps,
-        logging_steps=5,
-        eval_rows=args.eval_rows,
-        gradient_checkpointing=cuda,
-        run=RunSettings(
-            output_dir=Path(args.result).with_suffix(".run"),
-            device="cuda" if cuda else "cpu",
-            progress=False,
-            callbacks=(clock,),
-        ),
-    )
+    recipe = _recipe(args, clock, cuda, logging_steps=5, checkpointing=cuda, sharding="ddp")
     adapted = AdapterSpec.qlora(targets=("attention", "experts", "lm_head")).apply(loaded)
     clock.watch(adapted.model)
     result = recipe.fit(adapted, corpus)

@@ -9,11 +9,7 @@ float32 summation order: losses within rtol 1e-5, LoRA weights within atol 1e-6.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +19,14 @@ import torch
 from mixtune.errors import CheckpointError, ConfigError
 from mixtune.recipe import complete_checkpoints
 from tests.recipe import _ddp_worker
+from tests.recipe.multiproc import assert_same_run, torchrun
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _torchrun(out: Path, result: Path, mode: str) -> dict[str, Any] | None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        str(out),
-        str(result),
-        "2",
-        "1",
-        str(STEPS),
-        mode,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(json.loads(result.read_text())) if result.exists() else None
+def _torchrun(out: Path, result: Path, mode: str, steps: int = STEPS) -> dict[str, Any] | None:
+    return torchrun(WORKER, out, result, mode, steps, timeout=300)
 
 
 def _rows(result: Path, ranks: int) -> list[list[int]]:
@@ -77,19 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert [s for s, _ in a["train_loss"]] == list(range(1, STEPS + 1))
-    assert [s for s, _ in a["train_loss"]] == [s for s, _ in b["train_loss"]]
-    torch.testing.assert_close(
-        torch.tensor(a["train_loss"]), torch.tensor(b["train_loss"]), rtol=1e-5, atol=0
-    )
-    torch.testing.assert_close(
-        torch.tensor(a["eval_loss"]), torch.tensor(b["eval_loss"]), rtol=1e-5, atol=0
-    )
-    assert set(a["lora"]) == set(b["lora"])
-    for k in a["lora"]:
-        torch.testing.assert_close(
-            torch.tensor(a["lora"][k]), torch.tensor(b["lora"][k]), rtol=0, atol=1e-6
-        )
+    assert_same_run(a, b, STEPS)
 
 
 @pytest.mark.slow

@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_scaling_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sample: Path) -> None:
-    out = tmp_path / "scaling.json"
+def _run_scaling(out: Path, arxiv_sample: Path, *flags: str) -> dict[str, Any]:
+    """benchmarks/scaling.py on 2 CPU processes, 3 steps of short rows; its report."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
@@ -24,20 +24,26 @@ def test_scaling_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sampl
     cmd = [
         sys.executable,
         str(REPO / "benchmarks" / "scaling.py"),
+        *flags,
         "--tiny",
         "--cpu",
         "--procs=2",
         "--steps=3",
         "--warmup=1",
-        "--batch-size=1",
-        "--grad-accum=1",
         "--max-length=64",
         "--eval-rows=2",
         f"--out={out}",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return dict(json.loads(out.read_text()))
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sample: Path) -> None:
+    report = _run_scaling(
+        tmp_path / "scaling.json", arxiv_sample, "--batch-size=1", "--grad-accum=1"
+    )
     (run,) = report["runs"]
     # NF4 experts, QLoRA on attention, experts and lm_head: every LoRA tensor
     # must get a gradient on every rank or DDP (with the unused-parameter
@@ -53,28 +59,7 @@ def test_scaling_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sampl
 
 @pytest.mark.slow
 def test_fsdp2_benchmark_runs_on_two_cpu_processes(tmp_path: Path, arxiv_sample: Path) -> None:
-    out = tmp_path / "fsdp2.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
-        "MIXTUNE_SAMPLE_CORPUS": str(arxiv_sample),
-    }
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "scaling.py"),
-        "--fsdp2",
-        "--tiny",
-        "--cpu",
-        "--procs=2",
-        "--steps=3",
-        "--warmup=1",
-        "--max-length=64",
-        "--eval-rows=2",
-        f"--out={out}",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _run_scaling(tmp_path / "fsdp2.json", arxiv_sample, "--fsdp2")
     assert report["mode"] == "fsdp2"
     (run,) = report["runs"]
     assert run["procs"] == 2
