@@ -421,10 +421,14 @@ def main() -> None:
             setattr(args, name, value)
     if args.worker:
         fsdp2_worker(args) if args.fsdp2 else worker(args)
-        # End cleanly: torch 2.11's gloo aborts at exit with a live process group.
+        # The worker's results are written. Tear the group down and exit at
+        # once: under CPU load gloo now and then aborts a rank during
+        # interpreter shutdown, and torchrun would report a good run as failed.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     from mixtune.model import random_checkpoint
 
     if args.tiny and args.max_length == 1024:

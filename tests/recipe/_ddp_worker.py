@@ -14,6 +14,7 @@ the rows it trained on to ``RESULT_JSON.rows-<rank>``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -24,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from typing import Any
 
 import torch
-import torch.distributed
 from transformers import TrainerCallback
 
 from mixtune.errors import NonFiniteLossError
 from mixtune.recipe import Recipe, RunSettings
+from tests.recipe.multiproc import end_worker
 from tests.recipe.toy import ToyCorpus, toy_adapted
 
 
@@ -96,7 +97,16 @@ def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str)
         except NonFiniteLossError as exc:
             Path(f"{result}.error-{rank}").write_text(json.dumps([exc.step, str(exc)]))
         return
-    res = recipe.fit(adapted, ToyCorpus(rows=40), resume=mode == "resume")
+    # Automatic collection off while fitting: a DDP wrapper still alive
+    # afterwards is one fit kept, not one the collector has yet to reach.
+    gc.disable()
+    try:
+        res = recipe.fit(adapted, ToyCorpus(rows=40), resume=mode == "resume")
+        ddp_left = sum(
+            isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()
+        )
+    finally:
+        gc.enable()
     if rank == 0:
         result.write_text(
             json.dumps(
@@ -109,6 +119,7 @@ def train(out: str, result: Path, batch: int, accum: int, steps: int, mode: str)
                     "tokens": res.tokens,
                     "steps": res.steps,
                     "checkpoints": [c.name for c in res.checkpoints],
+                    "ddp_left": ddp_left,
                     "lora": {k: v.tolist() for k, v in res.model.lora_state_dict().items()},
                 }
             )
@@ -124,7 +135,4 @@ if __name__ == "__main__":
         int(sys.argv[5]),
         sys.argv[6],
     )
-    # torch 2.11's gloo aborts the process at exit ("terminate called without
-    # an active exception") if the process group is still alive.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_worker()

@@ -30,6 +30,7 @@ from mixtune.model import tiny_config as model_tiny_config
 from mixtune.publish import publish
 from mixtune.recipe import Recipe, RunSettings
 from mixtune.recipe._fsdp import full_lora_state_dict, packed_4bit_bytes
+from tests.recipe.multiproc import end_worker
 from tests.recipe.toy import ToyCorpus
 
 #: Adapted inside the decoder layers (FSDP2 keeps lm_head whole).
@@ -117,7 +118,4 @@ if __name__ == "__main__":
         int(sys.argv[5]),
         sys.argv[6],
     )
-    # torch 2.11's gloo aborts the process at exit ("terminate called without
-    # an active exception") if the process group is still alive.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_worker()

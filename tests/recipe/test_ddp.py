@@ -58,6 +58,8 @@ def test_two_ranks_follow_the_one_process_trajectory(runs: dict[str, Any]) -> No
     torch.testing.assert_close(torch.tensor(two["routing"]), torch.tensor(one["routing"]))
     # Tokens are summed over ranks: the global batch's, as in one process.
     assert two["tokens"] == one["tokens"] == STEPS * 4 * 32
+    # fit let go of the DDP wrapper (and its hold on the process group).
+    assert two["ddp_left"] == 0
 
 
 @pytest.mark.slow

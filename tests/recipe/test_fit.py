@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,41 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path)
     assert last.name == "checkpoint-2"
     for v in load_file(str(last / "adapter.safetensors")).values():
         assert torch.isfinite(v).all()
+
+
+class _OptimizerWatch(TrainerCallback):
+    """Weak references to the optimizer and its state tensors, taken after step 1."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref[Any]] = []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.refs:
+            inner = getattr(optimizer, "optimizer", optimizer)
+            tensors = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
+            self.refs = [weakref.ref(inner)] + [weakref.ref(t) for t in tensors]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_fit_lets_go_of_the_optimizer_at_once(tmp_path: Path, fails: bool) -> None:
+    adapted = toy_adapted()
+    watch = _OptimizerWatch()
+    callbacks = (watch, _Poison(adapted.model, 4)) if fails else (watch,)
+    run = RunSettings(output_dir=tmp_path / "run", progress=False, callbacks=callbacks)
+    # Automatic collection off: only what fit lets go of itself counts (the
+    # Trainer and its callbacks reference each other and would wait for it).
+    gc.disable()
+    try:
+        if fails:
+            with pytest.raises(NonFiniteLossError):
+                _recipe(tmp_path, run=run).fit(adapted, ToyCorpus())
+        else:
+            _recipe(tmp_path, run=run).fit(adapted, ToyCorpus())
+        alive = [r for r in watch.refs if r() is not None]
+    finally:
+        gc.enable()
+    assert len(watch.refs) > 2  # the optimizer and its moment tensors were seen
+    assert alive == []
 
 
 def test_preflight_refuses_in_seconds(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ quantizes with its own modules), so an adapted 4-bit model trains as is.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 import resource
@@ -250,6 +251,13 @@ def fit(
     adapter then stays sharded (publish gathers it). accelerate's own FSDP
     (``--use_fsdp``) and DeepSpeed raise :class:`~mixtune.errors.ConfigError`.
 
+    When training ends, or stops with an error, fit lets go of the optimizer,
+    its state, the scheduler and the DDP wrapper at once, so their memory is
+    free for what comes next (publishing, another fit, a retry with a smaller
+    batch). The paged buffers of ``paged_adamw_8bit`` are the exception:
+    bitsandbytes (0.50) has no call that frees its managed memory, so they stay
+    allocated until the process ends.
+
     Args:
         recipe: The recipe.
         model: A ``LoadedModel`` (``adapter`` is applied first) or an ``AdaptedModel``.
@@ -446,6 +454,7 @@ def fit(
         if recipe.gradient_checkpointing:
             _disable_checkpointing(hf_model)
         hf_model.eval()
+        _release_training_state(trainer)
 
     after = run_eval("test")
     # Rank 0 may still be renaming the last checkpoint; list it once it has.
@@ -469,6 +478,26 @@ def fit(
         peak_memory_bytes=world.max(_peak_memory(device)),
         memory=est,
     )
+
+
+def _release_training_state(trainer: Trainer) -> None:
+    """Let go of the optimizer, the scheduler and the DDP wrapper now.
+
+    The Trainer and its callbacks reference each other, so without this they
+    live until some later garbage collection, and with them the optimizer
+    state (GPU memory when fit returns, or raises an out-of-memory error the
+    caller wants to retry from), DDP's gradient buckets, and DDP's hold on the
+    process group. The model, the log history and the token count stay.
+    """
+    trainer.optimizer = None
+    trainer.lr_scheduler = None
+    if trainer.model is not None:
+        trainer.model_wrapped = trainer.model
+    handler = trainer.callback_handler
+    handler.optimizer = handler.lr_scheduler = handler.train_dataloader = None
+    # Forgets what accelerate prepared (the DDP wrapper among them) and collects.
+    trainer.accelerator.free_memory()
+    gc.collect()
 
 
 class _MixtuneTrainer(Trainer):
